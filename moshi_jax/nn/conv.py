@@ -1,0 +1,185 @@
+"""Causal streaming 1D convolutions (channels-last).
+
+One code path serves one-shot and streaming use: one-shot is a single streaming call from the
+initial state, exactly as in the reference (`moshi.modules.conv`). Shapes are channels-last:
+inputs `[B, T, C]`, kernels `[K, C_in / groups, C_out]` (Flax/XLA `WIO` layout).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+PadMode = Literal["constant", "replicate"]
+
+
+@struct.dataclass
+class ConvState:
+    """Left context of a causal conv: the last `effective_kernel - stride` input samples."""
+
+    previous: Array  # [B, K_eff - S, C_in]
+    first: Array  # [B] bool: next call is the first since init/reset (replicate padding only)
+
+
+@struct.dataclass
+class ConvTransposeState:
+    """Overlap-add tail of a transposed conv: the last `K - S` output samples, bias excluded."""
+
+    partial: Array  # [B, K - S, C_out]
+
+
+def conv_context(kernel_size: int, stride: int, dilation: int = 1) -> int:
+    """Samples of left context a causal conv keeps: (k - 1) * dilation + 1 - stride."""
+    ctx = (kernel_size - 1) * dilation + 1 - stride
+    if ctx < 0:
+        raise ValueError(f"kernel {kernel_size} (dilation {dilation}) shorter than stride {stride}")
+    return ctx
+
+
+def init_conv_state(
+    batch_size: int, in_channels: int, kernel_size: int, stride: int = 1, dilation: int = 1,
+    dtype: jnp.dtype = jnp.float32,
+) -> ConvState:
+    ctx = conv_context(kernel_size, stride, dilation)
+    return ConvState(
+        previous=jnp.zeros((batch_size, ctx, in_channels), dtype),
+        first=jnp.ones((batch_size,), jnp.bool_),
+    )
+
+
+def init_conv_transpose_state(
+    batch_size: int, out_channels: int, kernel_size: int, stride: int, dtype: jnp.dtype = jnp.float32
+) -> ConvTransposeState:
+    return ConvTransposeState(partial=jnp.zeros((batch_size, kernel_size - stride, out_channels), dtype))
+
+
+class StreamingConv1d(nn.Module):
+    """Causal Conv1d: left pad (zeros, or copies of the first frame for `replicate`), no right pad.
+
+    `__call__(x [B, T, C_in], state) -> (y [B, T / stride, C_out], state)`; `T` must be a multiple of
+    the stride. With `state=None` the call is one-shot (fresh state) and returns `(y, None)`.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int = 1
+    dilation: int = 1
+    groups: int = 1
+    use_bias: bool = True
+    pad_mode: PadMode = "constant"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, state: ConvState | None = None) -> tuple[Array, ConvState | None]:
+        B, T, C = x.shape
+        if C != self.in_channels:
+            raise ValueError(f"{self.name}: expected {self.in_channels} channels, got {C}")
+        if T == 0 or T % self.stride:
+            raise ValueError(f"{self.name}: length {T} is not a positive multiple of stride {self.stride}")
+        fan_in = self.in_channels // self.groups * self.kernel_size
+        bound = 1.0 / math.sqrt(fan_in)  # PyTorch's default conv init, so from-scratch runs match it
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(_uniform(bound), ("conv_kernel", "conv_in", "conv_out")),
+            (self.kernel_size, self.in_channels // self.groups, self.out_channels),
+            self.param_dtype,
+        )
+        one_shot = state is None
+        if one_shot:
+            state = init_conv_state(B, C, self.kernel_size, self.stride, self.dilation, x.dtype)
+        ctx = state.previous.shape[1]
+        previous = state.previous.astype(x.dtype)
+        if ctx and self.pad_mode == "replicate":
+            if T < ctx:
+                raise ValueError(f"{self.name}: replicate padding needs >= {ctx} samples on the first call")
+            previous = jnp.where(state.first[:, None, None], jnp.broadcast_to(x[:, :1], previous.shape),
+                                 previous)
+        xp = jnp.concatenate([previous, x], axis=1) if ctx else x
+        y = jax.lax.conv_general_dilated(
+            xp, kernel.astype(self.dtype), window_strides=(self.stride,), padding="VALID",
+            rhs_dilation=(self.dilation,), dimension_numbers=("NWC", "WIO", "NWC"),
+            feature_group_count=self.groups,
+        )
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(_uniform(bound), ("conv_out",)),
+                              (self.out_channels,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        if one_shot:
+            return y, None
+        new_state = ConvState(previous=xp[:, xp.shape[1] - ctx:], first=jnp.zeros_like(state.first))
+        return y, new_state
+
+
+class StreamingConvTranspose1d(nn.Module):
+    """Causal ConvTranspose1d: output length `T * stride`; the `K - S` overhang is kept as an
+    overlap-add tail for the next call (streaming) or dropped (one-shot), as in the reference.
+
+    Computed as one matmul (per group) plus a shifted sum over `ceil(K / S)` frames, which avoids the
+    zero-stuffed (lhs-dilated) convolution XLA would otherwise run.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int
+    groups: int = 1
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: Array, state: ConvTransposeState | None = None
+    ) -> tuple[Array, ConvTransposeState | None]:
+        B, T, C = x.shape
+        K, S, G = self.kernel_size, self.stride, self.groups
+        if C != self.in_channels:
+            raise ValueError(f"{self.name}: expected {self.in_channels} channels, got {C}")
+        if K < S:
+            raise ValueError(f"{self.name}: kernel {K} shorter than stride {S}")
+        fan_in = self.out_channels // G * K  # PyTorch computes ConvTranspose fan-in from weight dim 1
+        bound = 1.0 / math.sqrt(fan_in)
+        # [K, C_in, C_out / G]: the group of an input channel is c // (C_in / G).
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(_uniform(bound), ("conv_kernel", "conv_in", "conv_out")),
+            (K, self.in_channels, self.out_channels // G),
+            self.param_dtype,
+        ).astype(self.dtype)
+        cin_g, cout_g = self.in_channels // G, self.out_channels // G
+        xg = x.reshape(B, T, G, cin_g)
+        kg = kernel.reshape(K, G, cin_g, cout_g)
+        z = jnp.einsum("btgi,kgio->btkgo", xg, kg).reshape(B, T, K, self.out_channels)
+        # Overlap-add: output frame (t + j) of length S receives z[:, t, j*S:(j+1)*S].
+        n = -(-K // S)
+        z = jnp.pad(z, ((0, 0), (0, 0), (0, n * S - K), (0, 0))).reshape(B, T, n, S, self.out_channels)
+        y = sum(
+            jnp.pad(z[:, :, j], ((0, 0), (j, n - 1 - j), (0, 0), (0, 0))) for j in range(n)
+        ).reshape(B, (T + n - 1) * S, self.out_channels)
+        y = y[:, : (T - 1) * S + K]  # full transposed-conv output, bias excluded
+        tail = K - S
+        if state is not None and tail:
+            y = y.at[:, :tail].add(state.partial.astype(y.dtype))
+        out = y[:, : T * S]
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(_uniform(bound), ("conv_out",)),
+                              (self.out_channels,), self.param_dtype)
+            out = out + bias.astype(self.dtype)
+        if state is None:
+            return out, None
+        return out, ConvTransposeState(partial=y[:, T * S:])
+
+
+def _uniform(bound: float):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init

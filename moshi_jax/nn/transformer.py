@@ -1,0 +1,166 @@
+"""Streaming transformer stack (reference `StreamingTransformer`), layers stacked and scanned.
+
+`Transformer(cfg)(x [B, T, d], state) -> (y, state)`: with `state=None` it runs one-shot over `x`
+(positions 0..T-1); with a `TransformerState` it continues a stream from `state.offset`, reading and
+writing each layer's KV ring. The layer parameters are stacked on a leading `layers` axis and run
+with `nn.scan`, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from moshi_jax.nn import kv_cache as kvc
+from moshi_jax.nn.attention import Attention
+from moshi_jax.nn.mlp import MLP
+from moshi_jax.nn.norms import Norm
+from moshi_jax.nn.rope import sin_embedding
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyperparameters of one transformer stack; names follow the reference's kwargs."""
+
+    d_model: int
+    num_heads: int
+    num_layers: int
+    dim_feedforward: int
+    causal: bool = True
+    context: int | None = None  # sliding attention window in steps; None = unbounded
+    norm: str = "layer_norm"  # see moshi_jax.nn.norms.NORMS
+    gating: str = "none"  # "none" (plain MLP with `activation`) or the gate activation ("silu", ...)
+    activation: str = "gelu"
+    layer_scale: float | None = None  # LayerScale init value; None = no LayerScale
+    positional_embedding: str = "rope"  # "rope" | "rope_concat" | "sin" | "sin_rope" | "none"
+    max_period: float = 10_000.0
+    positional_scale: float = 1.0
+    weights_per_step: int = 0  # distinct weight sets along positions (depth transformer)
+    weights_per_step_schedule: tuple[int, ...] | None = None
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # "none" | "full" | "dots" (rematerialisation policy for training)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def mult(self) -> int:
+        """Number of per-step weight sets (0 when weights are shared across positions)."""
+        if not self.weights_per_step:
+            return 0
+        if self.weights_per_step_schedule:
+            return max(self.weights_per_step_schedule) + 1
+        return self.weights_per_step
+
+    @property
+    def cache_capacity(self) -> int:
+        if self.context is not None:
+            return self.context
+        if self.weights_per_step:
+            return self.weights_per_step
+        raise ValueError("a streaming KV cache needs `context` (or weights_per_step) to size it")
+
+    def __post_init__(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model {self.d_model} not divisible by num_heads {self.num_heads}")
+        if self.weights_per_step_schedule is not None and len(self.weights_per_step_schedule) != \
+                self.weights_per_step:
+            raise ValueError("weights_per_step_schedule must have weights_per_step entries")
+
+
+@struct.dataclass
+class TransformerState:
+    offset: Array  # [B] int32: absolute position of the next step
+    layers: kvc.KVCache  # leaves stacked [L, B, ...]
+
+
+def init_state(cfg: TransformerConfig, batch_size: int, dtype: jnp.dtype | None = None) -> TransformerState:
+    """Fresh streaming state (empty KV rings, offset 0); needs no parameters."""
+    dtype = dtype or jnp.dtype(cfg.dtype)
+    one = kvc.init_kv_cache(batch_size, cfg.cache_capacity, cfg.num_heads, cfg.head_dim, dtype)
+    layers = jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.num_layers,) + a.shape), one)
+    return TransformerState(offset=jnp.zeros((batch_size,), jnp.int32), layers=layers)
+
+
+class TransformerLayer(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array, cache: kvc.KVCache | None, positions: Array, step_index: Array | None
+                 ) -> tuple[Array, kvc.KVCache | None]:
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        rope = cfg.positional_embedding if cfg.positional_embedding in ("rope", "rope_concat") else "none"
+        if cfg.positional_embedding == "sin_rope":
+            rope = "rope"
+        h = Norm(cfg.norm, cfg.d_model, pdtype, name="norm1")(x)
+        h, cache = Attention(cfg.d_model, cfg.num_heads, cfg.causal, cfg.context, rope, cfg.max_period,
+                             cfg.mult, dtype, pdtype, name="self_attn")(h, positions, cache, step_index)
+        x = x.astype(h.dtype) + self._scale(h, "layer_scale_1")
+        h = Norm(cfg.norm, cfg.d_model, pdtype, name="norm2")(x)
+        h = MLP(cfg.d_model, cfg.dim_feedforward, cfg.gating, cfg.activation, cfg.mult, dtype, pdtype,
+                name="mlp")(h, step_index)
+        x = x.astype(h.dtype) + self._scale(h, "layer_scale_2")
+        return x, cache
+
+    def _scale(self, h: Array, name: str) -> Array:
+        if self.cfg.layer_scale is None:
+            return h
+        scale = self.param(name, nn.with_logical_partitioning(
+            nn.initializers.constant(self.cfg.layer_scale), ("norm",)), (self.cfg.d_model,),
+            jnp.dtype(self.cfg.param_dtype))
+        return h * scale.astype(h.dtype)
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array, state: TransformerState | None = None
+                 ) -> tuple[Array, TransformerState | None]:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        in_dtype = x.dtype
+        offset = jnp.zeros((B,), jnp.int32) if state is None else state.offset
+        positions = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+        if cfg.positional_embedding in ("sin", "sin_rope"):
+            x = x + cfg.positional_scale * sin_embedding(positions, cfg.d_model, cfg.max_period, x.dtype)
+        step_index = None
+        if cfg.mult:
+            # The reference keeps one step counter for the depth transformer (not per batch item).
+            step_index = offset[0] + jnp.arange(T, dtype=jnp.int32)
+            if cfg.weights_per_step_schedule:
+                step_index = jnp.asarray(cfg.weights_per_step_schedule, jnp.int32)[step_index]
+
+        layer_cls = TransformerLayer
+        if cfg.remat != "none":
+            layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        stack = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="layers")
+        caches = None if state is None else state.layers
+        x, caches = stack(x, caches, positions, step_index)
+        x = x.astype(in_dtype)
+        if state is None:
+            return x, None
+        return x, TransformerState(offset=state.offset + T, layers=caches)
