@@ -25,14 +25,19 @@ def _setup_logging(verbose: bool) -> None:
 # ---------------------------------------------------------------------------------------------- codec
 
 
-def _load_codec(weights: str | None, seed: int):
+def _mimi_config(preset: str):
+    from moshi_jax.mimi.config import MimiConfig
+
+    return MimiConfig() if preset == "released" else MimiConfig.tiny()
+
+
+def _load_codec(weights: str | None, seed: int, preset: str = "released"):
     import jax
 
     from moshi_jax.mimi import checkpoint as mimi_ckpt
-    from moshi_jax.mimi.config import MimiConfig
     from moshi_jax.mimi.model import MimiCodec
 
-    cfg = MimiConfig()
+    cfg = _mimi_config(preset)
     codec = MimiCodec(cfg)
     if weights is None:
         log.warning("=" * 78)
@@ -126,12 +131,10 @@ def cmd_codec(args: argparse.Namespace) -> None:
     import numpy as np
 
     from moshi_jax.audio import save_audio
-    from moshi_jax.mimi.config import MimiConfig
-
     wav = None
     if args.codec_cmd in ("encode", "roundtrip"):
-        wav = _read_audio(args.input, MimiConfig().sample_rate)  # read first: bad input fails fast
-    cfg, codec, params = _load_codec(args.weights, args.seed)
+        wav = _read_audio(args.input, _mimi_config(args.preset).sample_rate)  # read first: bad input fails fast
+    cfg, codec, params = _load_codec(args.weights, args.seed, args.preset)
     if args.codec_cmd == "decode":
         try:
             codes = np.load(args.input, allow_pickle=False)
@@ -166,6 +169,8 @@ def _add_codec(sub) -> None:
         q.add_argument("--weights", help="reference Mimi safetensors (tokenizer-e351c8d8-checkpoint125.safetensors); "
                                          "without it a seeded random model is used (with a warning)")
         q.add_argument("--seed", type=int, default=0, help="seed of the random model when --weights is absent")
+        q.add_argument("--preset", choices=("released", "tiny"), default="released",
+                       help="Mimi configuration (tiny: a small random codec for smoke tests)")
         q.add_argument("--chunk-frames", type=int, default=125,
                        help="80 ms frames per compiled streaming chunk (memory stays constant)")
 
