@@ -1,0 +1,450 @@
+"""Training configuration: one frozen dataclass tree, Python presets in `configs/`, dotted CLI overrides.
+
+    cfg = load_config("tiny", ["optimizer.lr=3e-4", "mesh.fsdp=2", "model.temporal.num_layers=2"])
+
+`configs/<name>.py` defines `get_config() -> TrainConfig`. Every key is overridable with `key=value`
+(`section.field=value`, nested as deep as the dataclasses go). Values are parsed by the field's type:
+ints, floats (`3e-4`), bools (`true/false/1/0/yes/no`), strings, `none` for optional fields, comma lists
+for tuples, `path:weight,path:weight` for data sources (as moshi-finetune), JSON for the axis rules.
+`model.<field>=value` keys other than `model.preset` are overrides of the LM's own config (`LMConfig`),
+checked against its fields when the LM config is built. Unknown keys and unparsable values raise
+`ConfigError` naming the key and the accepted keys/values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value (names the key and what is accepted)."""
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+
+def _positive(obj, *names: str) -> None:
+    for n in names:
+        if not getattr(obj, n) > 0:
+            raise ConfigError(f"{type(obj).__name__}.{n} must be > 0, got {getattr(obj, n)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The LM: a preset of `moshi_jax.lm.config.LMConfig` (its classmethod name) plus field overrides."""
+
+    preset: str = "tiny"  # tiny | bench_111m | moshi_2b | moshi_7b
+    # (dotted LMConfig field, raw value) pairs, applied in order on the preset; see `build_lm_config`.
+    overrides: tuple[tuple[str, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    path: str
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not self.weight > 0:
+            raise ConfigError(f"data source {self.path!r}: weight must be > 0, got {self.weight}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # Tokenized datasets (see moshi_jax.data), mixed by weight. Empty: random codes (smoke runs only).
+    sources: tuple[DataSource, ...] = ()
+    eval_sources: tuple[DataSource, ...] = ()
+    seq_frames: int = 64  # T, frames of 80 ms per training sequence
+    batch_size: int = 8  # global batch (sequences per optimizer step, all microbatches together)
+    seed: int = 0
+    num_workers: int = 0  # grain worker processes (0: in-process)
+
+    def __post_init__(self):
+        _positive(self, "seq_frames", "batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW as moshi-finetune: betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on every trainable param."""
+
+    lr: float = 1e-4  # peak learning rate
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # one_cycle: torch OneCycleLR (cosine, pct_start, div_factor, final_div_factor), moshi-finetune's choice.
+    # cosine: linear warmup for warmup_steps then cosine to min_lr_ratio * lr. constant: warmup then flat.
+    schedule: str = "one_cycle"
+    pct_start: float = 0.05
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    # torch OneCycleLR's default cycle_momentum=True, which moshi-finetune keeps: Adam's beta1 is annealed
+    # max_momentum -> base_momentum -> max_momentum opposite to the LR (so `b1` is unused with one_cycle).
+    cycle_momentum: bool = True
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
+    microbatches: int = 1  # gradient accumulation: the batch is split into this many sequential chunks
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optimizer.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _positive(self, "lr", "microbatches")
+        if not 0 < self.pct_start < 1:
+            raise ConfigError(f"optimizer.pct_start must be in (0, 1), got {self.pct_start}")
+
+
+SCHEDULES = ("one_cycle", "cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """moshi-finetune loss weights (spec 4.1)."""
+
+    text_padding_weight: float = 0.5  # weight of PAD / EPAD text targets
+    first_codebook_weight_multiplier: float = 100.0  # semantic codebook weight
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh (data, fsdp, tensor); one size may be -1 = all remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    # Logical axis rules as ((logical_name, mesh_axes), ...); None: moshi_jax.training.mesh.LOGICAL_AXIS_RULES.
+    # From the command line as JSON: mesh.rules='[["embed", "fsdp"], ["mlp", "tensor"], ["layers", null]]'.
+    rules: tuple[tuple[str, Any], ...] | None = None
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ConfigError(f"mesh sizes must be positive with at most one -1, got {sizes}")
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ConfigError(f"mesh {tuple(sizes)} does not divide {num_devices} devices")
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ConfigError(f"mesh {tuple(sizes)} needs {math.prod(sizes)} devices, {num_devices} available")
+        return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = ""  # "" -> <run_dir>/checkpoints
+    every: int = 500  # save every N steps (and at the end)
+    keep: int = 3  # keep the last K checkpoints
+    async_save: bool = True
+    resume: bool = True  # resume from the latest checkpoint in `dir` when there is one
+
+    def __post_init__(self):
+        _positive(self, "every", "keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA as moshi-finetune: every Linear gets W + scaling * B(A(x)); scaling is NOT divided by rank."""
+
+    enabled: bool = False  # False: full fine-tuning (every param trained)
+    rank: int = 64
+    scaling: float = 2.0
+    train_embeddings: bool = False  # moshi-finetune `ft_embed`: also train the embedding tables
+
+    def __post_init__(self):
+        _positive(self, "rank")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    log_every: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+    # Peak dense FLOP/s of one device for the MFU estimate (bf16). 0: guessed from the device kind.
+    peak_flops_per_device: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    name: str = "run"
+    run_dir: str = ""  # "" -> runs/<name>
+    steps: int = 100  # optimizer steps in the whole run (the schedule's length)
+    seed: int = 0
+    compute_dtype: str = "bfloat16"  # activations / matmuls; params are cast inside the step
+    param_dtype: str = "float32"  # master weights and optimizer state
+    remat: str = "none"  # per-layer rematerialisation: none | full | dots | dots_no_batch
+    init_from: str | None = None  # reference checkpoint (safetensors) to start from; None: random init
+    eval_every: int = 0  # 0: no eval
+    eval_batches: int = 4
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: LossConfig = LossConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    lora: LoraConfig = LoraConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    def __post_init__(self):
+        _positive(self, "steps")
+        for key in ("compute_dtype", "param_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ConfigError(f"{key} must be one of {DTYPES}, got {getattr(self, key)!r}")
+        if self.remat not in REMAT:
+            raise ConfigError(f"remat must be one of {REMAT}, got {self.remat!r}")
+        if self.data.batch_size % self.optimizer.microbatches:
+            raise ConfigError(f"data.batch_size {self.data.batch_size} is not divisible by "
+                              f"optimizer.microbatches {self.optimizer.microbatches}")
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.resolved_run_dir / "checkpoints"
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def get_preset(name: str) -> TrainConfig:
+    """`configs/<name>.py:get_config()`, or a path to any such .py file."""
+    path = Path(name)
+    if path.suffix != ".py":
+        path = CONFIGS_DIR / f"{name}.py"
+    if not path.is_file():
+        raise ConfigError(f"unknown config {name!r}; available: {available_configs()} (or a path to a .py file)")
+    spec = importlib.util.spec_from_file_location(f"_moshi_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, expected TrainConfig")
+    return cfg
+
+
+def load_config(name: str, overrides: typing.Sequence[str] = (), check_model: bool = True) -> TrainConfig:
+    """Preset `name` with `key=value` overrides applied in order. With `check_model`, the LM overrides
+    are validated by building the LM config (needs moshi_jax.lm)."""
+    cfg = apply_overrides(get_preset(name), overrides)
+    if check_model:
+        build_lm_config(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Any, overrides: typing.Sequence[str]) -> Any:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        cfg = override(cfg, key.strip(), raw.strip())
+    return cfg
+
+
+def override(cfg: Any, dotted: str, raw: str, _prefix: str = "") -> Any:
+    """A copy of dataclass `cfg` with the field at `dotted` set from the string `raw`."""
+    head, _, rest = dotted.partition(".")
+    full = _prefix + head
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    if head not in fields:
+        raise ConfigError(f"unknown config key {full!r}; valid keys here: {sorted(fields)}")
+    hints = typing.get_type_hints(type(cfg))
+    current = getattr(cfg, head)
+    if isinstance(current, ModelConfig) and rest and rest != "preset":
+        value = dataclasses.replace(current, overrides=current.overrides + ((rest, raw),))
+    elif rest:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"config key {full!r} is a value, not a section (got {full}.{rest})")
+        value = override(current, rest, raw, full + ".")
+    else:
+        if dataclasses.is_dataclass(current) and not isinstance(current, DataSource):
+            raise ConfigError(f"config key {full!r} is a section; set one of its fields "
+                              f"{[f.name for f in dataclasses.fields(current)]}")
+        value = parse_value(raw, hints[head], full)
+    try:
+        return dataclasses.replace(cfg, **{head: value})
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{full}={raw!r}: {e}") from e
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def parse_value(raw: str, tp: Any, key: str) -> Any:
+    """Parse the string `raw` as type `tp` (a field annotation)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if type(None) in args and raw.lower() in ("none", "null", ""):
+            return None
+        if len(non_none) == 1:
+            return parse_value(raw, non_none[0], key)
+        raise ConfigError(f"{key}: unsupported union type {tp}")
+    if key.endswith("rules"):
+        try:
+            rules = json.loads(raw)
+            return tuple((str(name), tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ConfigError(f"{key}: expected JSON [[logical_name, mesh_axis_or_list_or_null], ...], got {raw!r}"
+                              ) from e
+    if origin is tuple:
+        if args and args[0] is DataSource:
+            return tuple(_parse_source(s, key) for s in raw.split(",") if s) if raw else ()
+        item_tp = args[0] if args else str
+        return tuple(parse_value(s, item_tp, key) for s in raw.split(",") if s) if raw else ()
+    if tp is bool:
+        if raw.lower() not in _BOOLS:
+            raise ConfigError(f"{key}: expected a bool (true/false), got {raw!r}")
+        return _BOOLS[raw.lower()]
+    if tp is int:
+        try:
+            return int(raw)
+        except ValueError:
+            try:
+                f = float(raw)  # "1e3"
+            except ValueError:
+                raise ConfigError(f"{key}: expected an int, got {raw!r}") from None
+            if f != int(f):
+                raise ConfigError(f"{key}: expected an int, got {raw!r}") from None
+            return int(f)
+    if tp is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a float, got {raw!r}") from None
+    if tp is str:
+        return raw
+    raise ConfigError(f"{key}: cannot parse a value of type {tp} from the command line")
+
+
+def _parse_source(item: str, key: str) -> DataSource:
+    path, sep, weight = item.rpartition(":")
+    if not sep or not path:
+        return DataSource(item)
+    try:
+        w = float(weight)
+    except ValueError:
+        return DataSource(item)  # a ':' inside the path (e.g. gs://) and no weight
+    return DataSource(path, w)
+
+
+# ----------------------------------------------------------------------------------------------- json
+
+
+def to_dict(cfg: Any) -> Any:
+    """JSON-compatible nested dict of a config tree (tuples -> lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple | list):
+        return [to_dict(x) for x in cfg]
+    return cfg
+
+
+def from_dict(cls: type, d: dict) -> Any:
+    """Inverse of `to_dict` (unknown keys are errors)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    kwargs = {k: _from_json(v, hints[k]) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def _from_json(v: Any, tp: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if v is None:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        return _from_json(v, non_none[0])
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, v)
+    if origin is tuple:
+        item_tp = args[0] if args else Any
+        return tuple(_from_json(x, item_tp) for x in v)
+    if tp is Any:
+        return tuple(_from_json(x, Any) for x in v) if isinstance(v, list) else v
+    return v
+
+
+def to_json(cfg: TrainConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> TrainConfig:
+    return from_dict(TrainConfig, json.loads(text))
+
+
+# ----------------------------------------------------------------------------------------------- LM config
+
+
+def build_lm_config(cfg: TrainConfig):
+    """The LMConfig of this run: `LMConfig.<preset>()` with `model.overrides`, compute dtype and remat
+    applied. Raises ConfigError for an unknown preset or LMConfig field."""
+    from moshi_jax.lm.config import LMConfig
+
+    presets = sorted(n for n, v in vars(LMConfig).items() if isinstance(v, classmethod | staticmethod))
+    if cfg.model.preset not in presets:
+        raise ConfigError(f"model.preset {cfg.model.preset!r} unknown; LMConfig presets: {presets}")
+    lm = getattr(LMConfig, cfg.model.preset)()
+    for key, raw in cfg.model.overrides:
+        try:
+            lm = override(lm, key, raw, "model.")
+        except ConfigError as e:
+            raise ConfigError(f"{e} (LMConfig override)") from None
+    return _apply_compute_settings(lm, cfg)
+
+
+def _apply_compute_settings(lm: Any, cfg: TrainConfig) -> Any:
+    """Set compute dtype / param dtype / remat on the LM config and on every nested dataclass that has those
+    fields (e.g. the temporal and depth TransformerConfigs): one source of truth, the TrainConfig."""
+    updates = {}
+    for f in dataclasses.fields(lm):
+        value = getattr(lm, f.name)
+        if f.name == "dtype":
+            updates[f.name] = cfg.compute_dtype
+        elif f.name == "param_dtype":
+            updates[f.name] = cfg.param_dtype
+        elif f.name == "remat":
+            updates[f.name] = cfg.remat
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            updates[f.name] = _apply_compute_settings(value, cfg)
+    return dataclasses.replace(lm, **updates) if updates else lm
+
+
+def main_overrides(argv: typing.Sequence[str]) -> tuple[str, list[str]]:
+    """Split `[config_name, key=value, ...]` argv; the config defaults to 'tiny'."""
+    argv = list(argv)
+    name = "tiny"
+    if argv and "=" not in argv[0]:
+        name = argv.pop(0)
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise ConfigError(f"expected key=value overrides, got {bad}")
+    return name, argv
+
