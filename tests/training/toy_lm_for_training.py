@@ -87,43 +87,36 @@ def toy_dataset(seed: int = 0, batch: int = 8, seq: int = 8):
         batch, drop_remainder=True)
 
 
-def train_toy(ckpt_dir, total: int, stop_at: int, mesh_shape=(2, 2, 2)):
-    """Train the toy LM up to `stop_at` (resuming from the latest checkpoint in `ckpt_dir` if any), then save.
-    Returns (state, [sum of each consumed batch])."""
+def toy_train_config(run_dir, total: int):
+    from moshi_jax.training.config import CheckpointConfig, MetricsConfig, OptimizerConfig, TrainConfig
+
+    return TrainConfig(name="toy", run_dir=str(run_dir), steps=total, compute_dtype="float32",
+                       optimizer=OptimizerConfig(lr=1e-2, schedule="one_cycle", pct_start=0.3),
+                       checkpoint=CheckpointConfig(every=1000, keep=2),
+                       metrics=MetricsConfig(log_every=1, progress_bar=False))
+
+
+def toy_program():
+    from train.train_lm import Program
+
+    return Program(task=toy_task(), batch_shardings=batch_sharding, train_iter=lambda: iter(toy_dataset()),
+                   tokens_per_step=8 * 8)
+
+
+def train_toy(run_dir, total: int, stop_at: int, mesh_shape=(2, 2, 2)) -> dict:
+    """The project's train loop on the toy LM: up to `stop_at` (resuming from `run_dir`'s checkpoints)."""
+    from train.train_lm import train_loop
+
+    cfg = toy_train_config(run_dir, total)
+    done = 0
     from moshi_jax.training.checkpointing import Checkpointer
-    from moshi_jax.training.config import OptimizerConfig
-    from moshi_jax.training.optimizer import make_optimizer, make_schedule
-    from moshi_jax.training.step import ShardedStep, make_train_step
-    from moshi_jax.training.train_state import build_state_spec, init_train_state
 
-    opt = OptimizerConfig(lr=1e-2, schedule="one_cycle", pct_start=0.3)
-    task, tx = toy_task(), make_optimizer(opt, total)
-    mesh = make_mesh(mesh_shape)
-    spec = build_state_spec(task, tx, mesh, RULES)
-    ckpt = Checkpointer(ckpt_dir, every=1000, keep=2, async_save=True)
-    it = iter(toy_dataset())
-    if ckpt.latest_step() is not None:
-        state, frozen = ckpt.restore(ckpt.latest_step(), spec.abstract_state, it), {}
-    else:
-        state, frozen = init_train_state(spec, task, tx, seed=0)
-    step = ShardedStep(make_train_step(task, spec.partition, tx, make_schedule(opt, total)), spec,
-                       batch_sharding(mesh))
-    sums = []
-    while int(state.step) < stop_at:
-        b = next(it)
-        sums.append(int(b["tokens"].sum()))
-        state, _ = step(state, jax.device_put(b, batch_sharding(mesh)), frozen)
-    ckpt.save(int(state.step), state, it, config={"total": total}, force=True)
-    ckpt.close()
-    return state, sums
+    with Checkpointer(cfg.checkpoint_dir) as ckpt:
+        done = ckpt.latest_step() or 0
+    return train_loop(cfg, toy_program(), make_mesh(mesh_shape), RULES, stop_after=stop_at - done)
 
 
-if __name__ == "__main__":  # worker for the kill/resume test: python toy_lm_for_training.py DIR TOTAL STOP OUT
+if __name__ == "__main__":  # worker for the kill/resume test: python toy_lm_for_training.py RUN_DIR TOTAL STOP
     import sys
 
-    import numpy as np
-
-    ckpt_dir, total, stop_at, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    state, sums = train_toy(ckpt_dir, total, stop_at)
-    leaves = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}
-    np.savez(out, sums=np.asarray(sums), **leaves)
+    train_toy(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

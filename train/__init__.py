@@ -1,0 +1,1 @@
+"""Training programs: compose moshi_jax parts into runs (no model code lives here)."""
