@@ -1,0 +1,134 @@
+"""Audio file I/O: robust loading (any rate / channel count libsndfile reads) and float WAV saving.
+
+Loading goes through libsndfile (`soundfile`) and resampling through libsoxr (`soxr`, HQ), the same
+well-kept libraries the rest of the project relies on. Every way a file can be unusable (missing, not
+audio, corrupt, truncated, empty, non-finite samples, wrong channel count) raises `AudioError` with
+the file name and the problem, so callers (CLI, data pipeline) can report and skip/reject cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AudioError", "load_audio", "save_audio", "resample"]
+
+
+class AudioError(ValueError):
+    """An audio file is missing, unreadable, corrupt, truncated, empty, non-finite or has the wrong layout."""
+
+
+def _wav_truncation(path: Path) -> str | None:
+    """For RIFF/WAVE files: describe a truncation (the data chunk declares more bytes than the file holds).
+
+    libsndfile silently shortens such files to what is present; a half-copied file would then pass as a
+    shorter one, so we check the header ourselves. Returns None when the file is fine or not a plain RIFF WAV.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+            if chunk_id == b"data":
+                if chunk_size == 0xFFFFFFFF:  # streaming writers: size unknown
+                    return None
+                available = size - (pos + 8)
+                if chunk_size > available:
+                    return f"truncated file: data chunk declares {chunk_size} bytes but only {available} are present"
+                return None
+            pos += 8 + chunk_size + (chunk_size & 1)  # chunks are word-aligned
+    return None
+
+
+def resample(wav: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Resample [C, T] (or [T]) float audio with libsoxr HQ. Returns float32 of the same rank."""
+    if from_rate == to_rate:
+        return np.asarray(wav, np.float32)
+    x = np.asarray(wav, np.float32)
+    if x.ndim == 1:
+        return soxr.resample(x, from_rate, to_rate, quality="HQ").astype(np.float32)
+    # soxr wants [T, C] (frames first).
+    return np.ascontiguousarray(soxr.resample(x.T, from_rate, to_rate, quality="HQ").T, dtype=np.float32)
+
+
+def load_audio(
+    path: str | os.PathLike,
+    sample_rate: int,
+    mono: bool = True,
+    *,
+    require_channels: int | None = None,
+) -> np.ndarray:
+    """Read an audio file as float32 [C, T] at `sample_rate` ([1, T] when `mono`).
+
+    Args:
+      path: any format libsndfile reads (WAV, FLAC, OGG, ...).
+      sample_rate: target rate; other rates are resampled with soxr HQ (logged).
+      mono: average all channels into one (logged when the file has several).
+      require_channels: if set, the file must have exactly this many channels (e.g. 2 for the
+        moshi-finetune stereo layout), checked before any downmix.
+    Raises:
+      AudioError naming the file and the problem.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(f"{p}: audio file not found")
+    if not p.is_file():
+        raise AudioError(f"{p}: not a regular file")
+    try:
+        truncated = _wav_truncation(p)
+    except OSError as e:
+        raise AudioError(f"{p}: cannot read audio file: {e}") from e
+    if truncated:
+        raise AudioError(f"{p}: {truncated}")
+    try:
+        with sf.SoundFile(str(p)) as f:
+            file_rate, channels, declared = f.samplerate, f.channels, f.frames
+            data = f.read(dtype="float32", always_2d=True)  # [T, C]
+    except (sf.SoundFileError, RuntimeError, OSError) as e:
+        raise AudioError(f"{p}: cannot read audio (unreadable, corrupt or truncated file): {e}") from e
+    if data.shape[0] < declared:
+        raise AudioError(f"{p}: truncated file: header declares {declared} frames but only {data.shape[0]} decode")
+    if require_channels is not None and channels != require_channels:
+        raise AudioError(f"{p}: expected {require_channels} channels, got {channels}")
+    if data.shape[0] == 0:
+        raise AudioError(f"{p}: empty audio (0 samples)")
+    if not np.all(np.isfinite(data)):
+        bad = int(np.sum(~np.isfinite(data)))
+        raise AudioError(f"{p}: {bad} non-finite samples (NaN or inf)")
+    wav = np.ascontiguousarray(data.T)  # [C, T]
+    if mono and channels > 1:
+        log.info("%s: downmixing %d channels to mono", p, channels)
+        wav = wav.mean(axis=0, keepdims=True)
+    if file_rate != sample_rate:
+        log.info("%s: resampling %d Hz -> %d Hz (soxr HQ)", p, file_rate, sample_rate)
+        wav = resample(wav, file_rate, sample_rate)
+    return wav.astype(np.float32, copy=False)
+
+
+def save_audio(path: str | os.PathLike, wav: np.ndarray, sample_rate: int) -> Path:
+    """Write float audio [T] or [C, T] as a 32-bit float WAV (no clipping); creates parent directories."""
+    x = np.asarray(wav)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2:
+        raise AudioError(f"{path}: audio to save must be [T] or [C, T], got shape {tuple(np.shape(wav))}")
+    if x.shape[1] == 0:
+        raise AudioError(f"{path}: refusing to save empty audio")
+    if not np.all(np.isfinite(x)):
+        raise AudioError(f"{path}: refusing to save audio with NaN/inf samples")
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(p), np.ascontiguousarray(x.T.astype(np.float32)), int(sample_rate), subtype="FLOAT", format="WAV")
+    return p
