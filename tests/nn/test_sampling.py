@@ -1,0 +1,112 @@
+"""Sampling: greedy = argmax, top-k support, frequencies match the tempered softmax, bias semantics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moshi_jax.nn.sampling import SamplingConfig, sample_token, top_k_probs
+
+N_DRAWS = 20_000
+
+
+def _draws(logits: np.ndarray, temp: float, top_k: int, bias=None, seed: int = 0) -> np.ndarray:
+    """N_DRAWS independent samples from one row of logits `[V]` -> int `[N_DRAWS]`."""
+    rows = jnp.broadcast_to(jnp.asarray(logits), (N_DRAWS, logits.shape[-1]))
+    fn = jax.jit(lambda k, x: sample_token(k, x, temp, top_k, True, bias))
+    return np.asarray(fn(jax.random.PRNGKey(seed), rows))
+
+
+@pytest.mark.parametrize("use_sampling,temp", [(False, 0.8), (True, 0.0), (True, -1.0)])
+def test_greedy_modes_return_argmax(rng, use_sampling, temp):
+    logits = rng.standard_normal((4, 3, 97)).astype(np.float32)
+    tok = sample_token(None, jnp.asarray(logits), temp, 5, use_sampling)
+    assert tok.dtype == jnp.int32 and tok.shape == (4, 3)
+    np.testing.assert_array_equal(np.asarray(tok), logits.argmax(-1))
+
+
+def test_greedy_bias_can_change_the_argmax(rng):
+    logits = rng.standard_normal((2, 50)).astype(np.float32)
+    target = int(logits[0].argmin())
+    bias = jnp.zeros(50).at[target].set(100.0)
+    tok = np.asarray(sample_token(None, jnp.asarray(logits), 0.0, 0, False, bias))
+    assert tok[0] == target and tok[1] == target
+
+
+def test_top_k_never_emits_outside_the_top_k(rng):
+    V, k = 300, 7
+    logits = (3.0 * rng.standard_normal((64, V))).astype(np.float32)
+    keys = jax.random.split(jax.random.PRNGKey(1), 200)
+    draws = np.asarray(jax.vmap(lambda key: sample_token(key, jnp.asarray(logits), 1.5, k))(keys))  # [200, 64]
+    top = np.argsort(-logits, axis=-1)[:, :k]
+    for row in range(logits.shape[0]):
+        assert set(draws[:, row]).issubset(set(top[row])), f"row {row} sampled outside its top {k}"
+    # and the draws do use more than one of the top-k tokens (not silently greedy)
+    assert len(set(draws[:, 0])) > 1
+
+
+@pytest.mark.parametrize("temp,top_k", [(0.7, 25), (0.8, 250), (1.0, 0), (2.0, 5)])
+def test_frequencies_match_tempered_softmax_restricted_to_top_k(rng, temp, top_k):
+    V = 40 if top_k == 250 else 300  # top_k >= V exercises the "no cut" path
+    logits = (2.0 * rng.standard_normal(V)).astype(np.float32)
+    counts = np.bincount(_draws(logits, temp, top_k), minlength=V)
+    # expected distribution, computed independently in numpy float64
+    z = logits.astype(np.float64) / temp
+    keep = np.ones(V, bool)
+    if 0 < top_k < V:
+        keep[:] = False
+        keep[np.argsort(-logits)[:top_k]] = True
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    p /= p.sum()
+    assert counts[~keep].sum() == 0
+    freq = counts / N_DRAWS
+    # binomial std at N=20k is <= 0.0036; 0.015 is > 4 sigma for every token
+    assert np.abs(freq - p).max() < 0.015, np.abs(freq - p).max()
+    # chi-square over tokens with expected count >= 5 (others pooled)
+    exp = p * N_DRAWS
+    big = exp >= 5
+    obs_b = np.append(counts[big], counts[~big].sum())
+    exp_b = np.append(exp[big], exp[~big].sum())
+    mask = exp_b > 0
+    chi2 = (((obs_b - exp_b) ** 2)[mask] / exp_b[mask]).sum()
+    dof = mask.sum() - 1
+    # mean dof, std sqrt(2 dof): 6 sigma is a loose but still discriminating bound
+    assert chi2 < dof + 6 * np.sqrt(2 * dof), (chi2, dof)
+    np.testing.assert_allclose(np.asarray(top_k_probs(jnp.asarray(logits), temp, top_k)), p, atol=1e-6)
+
+
+def test_bias_multiplies_the_token_probability_by_exp_bias(rng):
+    V = 30
+    logits = rng.standard_normal(V).astype(np.float32)
+    pad = 3
+    bias = np.zeros(V, np.float32)
+    bias[pad] = 1.5
+    counts = np.bincount(_draws(logits, 0.7, 0, jnp.asarray(bias)), minlength=V)
+    w = np.exp(logits.astype(np.float64) / 0.7)
+    w[pad] *= np.exp(1.5)
+    p = w / w.sum()
+    assert np.abs(counts / N_DRAWS - p).max() < 0.015
+
+
+def test_bias_is_applied_before_the_top_k_cut(rng):
+    V = 100
+    logits = rng.standard_normal(V).astype(np.float32)
+    low = int(logits.argmin())
+    bias = jnp.zeros(V).at[low].set(50.0)
+    draws = _draws(logits, 1.0, 3, bias)
+    assert (draws == low).mean() > 0.99
+
+
+def test_sampling_without_key_is_an_error(rng):
+    with pytest.raises(ValueError, match="PRNG key"):
+        sample_token(None, jnp.zeros((2, 5)), 1.0, 0, True)
+
+
+def test_sampling_config_defaults_are_the_reference_lmgen_defaults():
+    c = SamplingConfig()
+    assert (c.use_sampling, c.temp, c.top_k, c.temp_text, c.top_k_text) == (True, 0.8, 250, 0.7, 25)
+    assert SamplingConfig.greedy().text_is_greedy and SamplingConfig.greedy().audio_is_greedy
+    with pytest.raises(TypeError, match="top_k"):
+        SamplingConfig(top_k=2.5)
