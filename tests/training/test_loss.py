@@ -1,0 +1,138 @@
+"""The LM loss equals moshi-finetune's formula (written out in torch) on the same logits and masks."""
+
+import dataclasses
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import struct
+
+from moshi_jax.training.loss import cross_entropy, lm_loss
+
+PAD, EPAD = 3, 0
+CFG = types.SimpleNamespace(dep_q=4, n_q=8, existing_text_padding_id=PAD, existing_text_end_padding_id=EPAD)
+
+
+@struct.dataclass
+class Out:  # the fields of moshi_jax.lm.model.LMOutput that the loss reads
+    text_logits: np.ndarray
+    text_mask: np.ndarray
+    audio_logits: np.ndarray
+    audio_mask: np.ndarray
+
+
+def _case(seed=0, B=3, T=11, text_card=17, card=13):
+    rng = np.random.default_rng(seed)
+    codes = np.concatenate([rng.integers(0, text_card, (B, 1, T)), rng.integers(0, card, (B, CFG.n_q, T))], 1)
+    codes[:, 0, ::3] = PAD  # plenty of padding targets
+    codes[:, 0, 1::5] = EPAD
+    codes[0, 0, 4] = -1  # -1 targets (no token): masked even where the model's mask is True
+    codes[1, 2, 2:5] = -1
+    out = Out(
+        text_logits=(3 * rng.normal(size=(B, 1, T, text_card))).astype(np.float32),
+        text_mask=rng.random((B, 1, T)) > 0.2,
+        audio_logits=(3 * rng.normal(size=(B, CFG.dep_q, T, card))).astype(np.float32),
+        audio_mask=rng.random((B, CFG.dep_q, T)) > 0.2,
+    )
+    return out, codes.astype(np.int32)
+
+
+def _moshi_finetune_loss(logits, target, target_mask, mode, first_codebook_weight_multiplier=1.0,
+                         text_padding_weight=1.0, text_padding_ids=None):
+    """moshi-finetune `finetune/loss.py compute_loss_with_mask`, written out."""
+    import torch
+    import torch.nn.functional as F
+
+    target = torch.where(target_mask, target, torch.zeros_like(target))
+    weights = target_mask.float()
+    if mode == "audio":
+        weights[:, 0] *= first_codebook_weight_multiplier
+    elif mode == "text":
+        for i in text_padding_ids:
+            weights[target == i] *= text_padding_weight
+    logits = logits.reshape(-1, logits.size(-1)).float()
+    target = target.reshape(-1)
+    weights = weights.reshape(-1)
+    mb_loss = F.cross_entropy(logits, target, reduction="none")
+    mb_loss = torch.where(weights > 0.0, mb_loss * weights, torch.zeros_like(mb_loss))
+    return torch.sum(mb_loss) / torch.sum(weights)
+
+
+def _reference(out, codes, tpw, fcm):
+    """moshi-finetune train.py: the reference LMModel.forward ANDs its masks with codes != -1."""
+    import torch
+
+    codes_t = torch.tensor(codes, dtype=torch.long)
+    text_mask = torch.tensor(out.text_mask) & (codes_t[:, :1] != -1)
+    audio_mask = torch.tensor(out.audio_mask) & (codes_t[:, 1:1 + CFG.dep_q] != -1)
+    text = _moshi_finetune_loss(torch.tensor(out.text_logits), codes_t[:, :1], text_mask, "text",
+                                text_padding_weight=tpw, text_padding_ids={PAD, EPAD})
+    audio = _moshi_finetune_loss(torch.tensor(out.audio_logits), codes_t[:, 1:1 + CFG.dep_q], audio_mask, "audio",
+                                 first_codebook_weight_multiplier=fcm)
+    return float(text), float(audio)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("tpw,fcm", [(0.5, 100.0), (1.0, 1.0), (0.0, 3.0)])
+def test_lm_loss_equals_moshi_finetune_formula(tpw, fcm):
+    out, codes = _case()
+    loss, m = jax.jit(lambda o, c: lm_loss(o, c, CFG, tpw, fcm))(out, codes)
+    text_ref, audio_ref = _reference(out, codes, tpw, fcm)
+    np.testing.assert_allclose(float(m["text_loss"]), text_ref, rtol=1e-5)
+    np.testing.assert_allclose(float(m["audio_loss"]), audio_ref, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), text_ref + audio_ref, rtol=1e-5)
+
+
+@pytest.mark.parity
+def test_cross_entropy_equals_reference_moshi_utils_cross_entropy():
+    import torch
+    from moshi.utils.utils import cross_entropy as ref_ce
+
+    out, codes = _case(1)
+    targets = np.maximum(codes[:, 1:1 + CFG.dep_q], 0)
+    mask = out.audio_mask & (codes[:, 1:1 + CFG.dep_q] >= 0)
+    ref = ref_ce(torch.tensor(out.audio_logits), torch.tensor(targets, dtype=torch.long), torch.tensor(mask))
+    got = cross_entropy(jnp.asarray(out.audio_logits), jnp.asarray(codes[:, 1:1 + CFG.dep_q]), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(got), ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_per_stream_metrics_are_masked_means_and_accuracy_counts_argmax_hits():
+    out, codes = _case(2)
+    _, m = lm_loss(out, codes, CFG, 0.5, 100.0)
+    ce = np.asarray(cross_entropy(jnp.asarray(out.audio_logits), jnp.asarray(codes[:, 1:5]),
+                                  jnp.asarray(out.audio_mask & (codes[:, 1:5] >= 0))))
+    mask = out.audio_mask & (codes[:, 1:5] >= 0)
+    np.testing.assert_allclose(float(m["semantic_loss"]), ce[:, 0][mask[:, 0]].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(m["acoustic_loss"]), ce[:, 1:][mask[:, 1:]].mean(), rtol=1e-5)
+    hits = (out.audio_logits.argmax(-1) == codes[:, 1:5])[mask]
+    np.testing.assert_allclose(float(m["audio_accuracy"]), hits.mean(), rtol=1e-6)
+    # Logits that put all mass on the target: loss 0, accuracy 1.
+    perfect = dataclasses.replace(
+        out, text_logits=50.0 * np.eye(out.text_logits.shape[-1], dtype=np.float32)[np.maximum(codes[:, :1], 0)],
+        audio_logits=50.0 * np.eye(out.audio_logits.shape[-1], dtype=np.float32)[np.maximum(codes[:, 1:5], 0)])
+    loss, m = lm_loss(perfect, codes, CFG, 0.5, 100.0)
+    assert float(loss) < 1e-6 and float(m["text_accuracy"]) == 1.0 and float(m["audio_accuracy"]) == 1.0
+
+
+def test_stream_without_valid_targets_gives_zero_loss_and_finite_gradient():
+    out, codes = _case(3)
+    codes[:, 0] = -1  # no text alignment anywhere (moshi-finetune: text stream of -1)
+
+    def f(text_logits, audio_logits):
+        o = Out(text_logits=text_logits, text_mask=out.text_mask, audio_logits=audio_logits,
+                audio_mask=out.audio_mask)
+        return lm_loss(o, codes, CFG, 0.5, 100.0)
+
+    (loss, m), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(out.text_logits, out.audio_logits)
+    assert float(m["text_loss"]) == 0.0 and float(loss) == float(m["audio_loss"]) > 0
+    assert not np.any(np.asarray(grads[0])) and np.all(np.isfinite(np.asarray(grads[1])))
+
+
+def test_mismatched_shapes_are_a_clear_error():
+    out, codes = _case()
+    with pytest.raises(ValueError, match="do not line up"):
+        lm_loss(out, codes[:, :, :-1], CFG)
+    with pytest.raises(ValueError, match="dep_q=4 audio streams"):
+        lm_loss(out, codes[:, :3], CFG)
