@@ -66,6 +66,9 @@ class DataConfig:
     batch_size: int = 8  # global batch (sequences per optimizer step, all microbatches together)
     seed: int = 0
     num_workers: int = 0  # grain worker processes (0: in-process)
+    # Text/audio shift in frames: > 0 text AFTER the audio it transcribes (streaming ASR), < 0 text BEFORE the
+    # audio (streaming TTS), 0 Moshi's aligned inner monologue. See moshi_jax.data.pipeline.
+    text_delay_frames: int = 0
 
     def __post_init__(self):
         _positive(self, "seq_frames", "batch_size")
