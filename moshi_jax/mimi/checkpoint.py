@@ -1,0 +1,291 @@
+"""Reference Mimi checkpoints <-> moshi-jax params (the only module that knows the reference's key names).
+
+`load_reference(path_or_state_dict, cfg)` reads the released `tokenizer-e351c8d8-checkpoint125.safetensors`
+layout (or a `MimiModel.state_dict()`) strictly: a missing, unexpected or wrongly shaped key is a
+`ValueError` naming the keys. `save_reference(params, cfg, path)` writes a safetensors file that the
+reference `MimiModel.load_state_dict` accepts.
+
+Layout conversions (PyTorch -> here): Conv1d weight `[out, in/g, k]` -> kernel `[k, in/g, out]`;
+ConvTranspose1d weight `[in, out/g, k]` -> `[k, in, out/g]`; Linear `[out, in]` -> `[in, out]`; the fused
+attention projection `[(3 H Dh), d]` -> `[d, 3, H, Dh]`; transformer layers are stacked on a leading axis;
+codebook centroid = embedding_sum / clamp(cluster_usage, eps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from moshi_jax.mimi.config import MimiConfig
+
+Params = Any
+ParamPath = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One reference tensor <-> one param (or one slice `index` of a stacked param)."""
+
+    key: str
+    path: ParamPath
+    index: int | None
+    to_jax: Callable[[np.ndarray], np.ndarray]
+    to_ref: Callable[[np.ndarray], np.ndarray]
+    aliases: tuple[str, ...] = ()  # other names the reference's load hooks accept for this tensor
+
+
+def _ident(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+def _conv_entries(prefix: str, path: ParamPath, bias: bool = True) -> list[_Entry]:
+    out = [_Entry(f"{prefix}.weight", path + ("kernel",), None,
+                  lambda w: w.transpose(2, 1, 0), lambda k: k.transpose(2, 1, 0))]
+    if bias:
+        out.append(_Entry(f"{prefix}.bias", path + ("bias",), None, _ident, _ident))
+    return out
+
+
+def _convtr_entries(prefix: str, path: ParamPath, bias: bool = True) -> list[_Entry]:
+    out = [_Entry(f"{prefix}.weight", path + ("kernel",), None,
+                  lambda w: w.transpose(2, 0, 1), lambda k: k.transpose(1, 2, 0))]
+    if bias:
+        out.append(_Entry(f"{prefix}.bias", path + ("bias",), None, _ident, _ident))
+    return out
+
+
+def _res_entries(prefix: str, path: ParamPath) -> list[_Entry]:
+    # Reference ResBlock: block = [ELU, conv, ELU, conv] -> convs at indices 1 and 3.
+    return (_conv_entries(f"{prefix}.block.1.conv.conv", path + ("conv1",))
+            + _conv_entries(f"{prefix}.block.3.conv.conv", path + ("conv2",)))
+
+
+def _seanet_entries(cfg: MimiConfig, side: str) -> list[_Entry]:
+    n_res, P = cfg.n_residual_layers, (side,)
+    stage = n_res + 2  # per ratio: residual blocks, ELU, (transposed) conv
+    last = 1 + len(cfg.ratios) * stage + 1
+    out = _conv_entries(f"{side}.model.0.conv.conv", P + ("conv_in",))
+    for i in range(len(cfg.ratios)):
+        base = 1 + i * stage
+        if side == "encoder":
+            for j in range(n_res):
+                out += _res_entries(f"encoder.model.{base + j}", P + (f"res_{i}_{j}",))
+            out += _conv_entries(f"encoder.model.{base + n_res + 1}.conv.conv", P + (f"down_{i}",))
+        else:
+            out += _convtr_entries(f"decoder.model.{base + 1}.convtr.convtr", P + (f"up_{i}",))
+            for j in range(n_res):
+                out += _res_entries(f"decoder.model.{base + 2 + j}", P + (f"res_{i}_{j}",))
+    out += _conv_entries(f"{side}.model.{last}.conv.conv", P + ("conv_out",))
+    return out
+
+
+def _transformer_entries(cfg: MimiConfig, side: str) -> list[_Entry]:
+    d, H = cfg.dimension, cfg.num_heads
+    Dh = d // H
+    base = (f"{side}_transformer", "layers")
+    out = []
+    for i in range(cfg.num_layers):
+        p = f"{side}_transformer.transformer.layers.{i}"
+        out += [
+            _Entry(f"{p}.self_attn.in_proj_weight", base + ("self_attn", "in_proj"), i,
+                   lambda w: w.reshape(3, H, Dh, d).transpose(3, 0, 1, 2),
+                   lambda k: k.transpose(1, 2, 3, 0).reshape(3 * d, d),
+                   aliases=(f"{p}.self_attn.in_projs.0.weight",)),
+            _Entry(f"{p}.self_attn.out_proj.weight", base + ("self_attn", "out_proj"), i,
+                   lambda w: w.T.reshape(H, Dh, d), lambda k: k.reshape(d, d).T,
+                   aliases=(f"{p}.self_attn.out_projs.0.weight",)),
+            _Entry(f"{p}.linear1.weight", base + ("mlp", "linear1"), i, lambda w: w.T, lambda k: k.T),
+            _Entry(f"{p}.linear2.weight", base + ("mlp", "linear2"), i, lambda w: w.T, lambda k: k.T),
+        ]
+        for n in ("1", "2"):
+            out += [
+                _Entry(f"{p}.norm{n}.weight", base + (f"norm{n}", "scale"), i, _ident, _ident),
+                _Entry(f"{p}.norm{n}.bias", base + (f"norm{n}", "bias"), i, _ident, _ident),
+                _Entry(f"{p}.layer_scale_{n}.scale", base + (f"layer_scale_{n}",), i, _ident, _ident),
+            ]
+    return out
+
+
+def _quantizer_proj_entries(cfg: MimiConfig) -> list[_Entry]:
+    out = []
+    for ref, ours in (("rvq_first", "semantic"), ("rvq_rest", "acoustic")):
+        for proj in ("input_proj", "output_proj"):
+            out.append(_Entry(f"quantizer.{ref}.{proj}.weight", ("quantizer", ours, proj), None,
+                              lambda w: w[:, :, 0].T, lambda k: k.T[:, :, None]))
+    return out
+
+
+def _codebook_levels(cfg: MimiConfig) -> list[tuple[str, ParamPath, int]]:
+    """(reference prefix, codebooks param path, level) for every RVQ level."""
+    out = []
+    for ref, ours, n in (("rvq_first", "semantic", cfg.n_q_semantic), ("rvq_rest", "acoustic", cfg.n_q_acoustic)):
+        for lvl in range(n):
+            out.append((f"quantizer.{ref}.vq.layers.{lvl}._codebook", ("quantizer", ours, "codebooks"), lvl))
+    return out
+
+
+# Older codebook buffer names that the reference's load hook renames.
+_CODEBOOK_ALIASES = {
+    "_initialized": ("inited",),
+    "cluster_usage": ("cluster_size",),
+    "embedding_sum": ("embed_avg", "embed_sum"),
+}
+
+
+def _entries(cfg: MimiConfig) -> list[_Entry]:
+    return (_seanet_entries(cfg, "encoder") + _transformer_entries(cfg, "encoder")
+            + _conv_entries("downsample.conv.conv.conv", ("downsample",), bias=False)
+            + _quantizer_proj_entries(cfg)
+            + _convtr_entries("upsample.convtr.convtr.convtr", ("upsample",), bias=False)
+            + _transformer_entries(cfg, "decoder") + _seanet_entries(cfg, "decoder"))
+
+
+def _param_shapes(cfg: MimiConfig) -> dict[ParamPath, tuple[int, ...]]:
+    from moshi_jax.mimi.model import MimiCodec
+
+    abstract = jax.eval_shape(MimiCodec(cfg).init, jax.random.PRNGKey(0))
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
+
+
+def _ref_shape(entry: _Entry, shapes: Mapping[ParamPath, tuple[int, ...]]) -> tuple[int, ...]:
+    shape = shapes[entry.path][1:] if entry.index is not None else shapes[entry.path]
+    return entry.to_ref(np.broadcast_to(np.float32(0), shape)).shape
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value, np.float32)
+
+
+def _read_state_dict(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(source, Mapping):
+        return dict(source)
+    from safetensors.numpy import load_file
+
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"checkpoint file not found: {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+
+
+def _problems(missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
+    parts = []
+    for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                       ("wrongly shaped keys", misshaped)):
+        if keys:
+            shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
+            parts.append(f"{name}: {shown}")
+    return "; ".join(parts)
+
+
+def load_reference(source: str | Path | Mapping[str, Any], cfg: MimiConfig | None = None) -> Params:
+    """Reference Mimi weights (safetensors path or state dict of numpy arrays / torch tensors) -> params.
+
+    Raises ValueError naming every missing, unexpected or wrongly shaped key."""
+    cfg = cfg or MimiConfig()
+    sd = _read_state_dict(source)
+    shapes = _param_shapes(cfg)
+    flat: dict[ParamPath, np.ndarray] = {p: np.zeros(s, np.float32) for p, s in shapes.items()}
+    used: set[str] = set()
+    missing: list[str] = []
+    misshaped: list[str] = []
+
+    def fetch(key: str, aliases: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray | None:
+        name = next((k for k in (key, *aliases) if k in sd), None)
+        if name is None:
+            missing.append(key)
+            return None
+        used.add(name)
+        value = _to_numpy(sd[name])
+        if value.shape != tuple(shape):
+            misshaped.append(f"{name} {tuple(value.shape)} (expected {tuple(shape)})")
+            return None
+        return value
+
+    for e in _entries(cfg):
+        value = fetch(e.key, e.aliases, _ref_shape(e, shapes))
+        if value is None:
+            continue
+        if e.index is None:
+            flat[e.path] = np.ascontiguousarray(e.to_jax(value))
+        else:
+            flat[e.path][e.index] = e.to_jax(value)
+
+    bins, cdim = cfg.bins, cfg.codebook_dim
+    for prefix, path, lvl in _codebook_levels(cfg):
+        fetch(f"{prefix}._initialized", tuple(f"{prefix}.{a}" for a in _CODEBOOK_ALIASES["_initialized"]), (1,))
+        usage = fetch(f"{prefix}.cluster_usage", tuple(f"{prefix}.{a}" for a in _CODEBOOK_ALIASES["cluster_usage"]),
+                      (bins,))
+        emb = fetch(f"{prefix}.embedding_sum", tuple(f"{prefix}.{a}" for a in _CODEBOOK_ALIASES["embedding_sum"]),
+                    (bins, cdim))
+        if usage is not None and emb is not None:
+            flat[path][lvl] = emb / np.maximum(usage, cfg.codebook_epsilon)[:, None]
+
+    unexpected = sorted(set(sd) - used)
+    if missing or unexpected or misshaped:
+        raise ValueError(f"checkpoint does not match this Mimi config: {_problems(missing, unexpected, misshaped)}")
+    return jax.tree.map(jax.numpy.asarray, traverse_util.unflatten_dict(flat))
+
+
+def to_reference_state_dict(params: Params, cfg: MimiConfig | None = None) -> dict[str, np.ndarray]:
+    """params -> {reference key: float32 array} in the released checkpoint's layout (attention weights
+    fused as `in_proj_weight` / `out_proj.weight`; codebooks as embedding_sum = centroid, usage 1)."""
+    cfg = cfg or MimiConfig()
+    flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()}
+    expected = _param_shapes(cfg)
+    wrong = sorted("/".join(p) for p in set(expected) ^ set(flat))
+    wrong += sorted(f"{'/'.join(p)} {flat[p].shape} (expected {s})" for p, s in expected.items()
+                    if p in flat and flat[p].shape != s)
+    if wrong:
+        raise ValueError(f"params do not match this Mimi config: {', '.join(wrong[:12])}")
+    out: dict[str, np.ndarray] = {}
+    for e in _entries(cfg):
+        value = flat[e.path] if e.index is None else flat[e.path][e.index]
+        out[e.key] = np.ascontiguousarray(e.to_ref(value), np.float32)
+    for prefix, path, lvl in _codebook_levels(cfg):
+        out[f"{prefix}._initialized"] = np.ones((1,), np.float32)
+        out[f"{prefix}.cluster_usage"] = np.ones((cfg.bins,), np.float32)
+        out[f"{prefix}.embedding_sum"] = np.ascontiguousarray(flat[path][lvl], np.float32)
+    return out
+
+
+def save_reference(params: Params, cfg: MimiConfig | None, path: str | Path) -> Path:
+    """Write params as a reference-loadable Mimi safetensors file; returns the path."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(to_reference_state_dict(params, cfg), str(path))
+    return path
+
+
+def reference_config(cfg: MimiConfig | None = None) -> dict[str, Any]:
+    """The reference's `mimi_config` dict (`loaders.get_mimi(None, mimi_config=...)`) for `cfg`."""
+    cfg = cfg or MimiConfig()
+    seanet = dict(
+        channels=cfg.channels, dimension=cfg.dimension, causal=True, n_filters=cfg.n_filters,
+        n_residual_layers=cfg.n_residual_layers, activation="ELU", compress=cfg.compress,
+        dilation_base=cfg.dilation_base, disable_norm_outer_blocks=0, kernel_size=cfg.kernel_size,
+        residual_kernel_size=cfg.residual_kernel_size, last_kernel_size=cfg.last_kernel_size, norm="none",
+        pad_mode="constant", ratios=list(cfg.ratios), true_skip=True,
+    )
+    quantizer = dict(dimension=cfg.codebook_dim, n_q=cfg.n_q, n_q_semantic=cfg.n_q_semantic, bins=cfg.bins,
+                     input_dimension=cfg.dimension, output_dimension=cfg.dimension)
+    transformer = dict(
+        d_model=cfg.dimension, num_heads=cfg.num_heads, num_layers=cfg.num_layers, causal=True,
+        layer_scale=cfg.layer_scale, context=cfg.context, conv_layout=True, max_period=cfg.max_period,
+        gating="none", norm="layer_norm", positional_embedding="rope", dim_feedforward=cfg.dim_feedforward,
+        input_dimension=cfg.dimension, output_dimensions=[cfg.dimension],
+    )
+    return dict(sample_rate=cfg.sample_rate, channels=cfg.channels, frame_rate=cfg.frame_rate, seanet=seanet,
+                quantizer=quantizer, transformer=transformer)
