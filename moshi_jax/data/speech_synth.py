@@ -6,7 +6,8 @@ speech with exact word timestamps - enough for Inner Monologue training, tests a
 (see shared/spec/offline_data.md).
 
 Determinism: eSpeak NG keeps synthesis state in C statics (e.g. the pitch-flutter phase) that
-survive `espeak_Terminate`, so the same text rendered twice in one library instance differs. Each
+survive `espeak_Terminate`, so the same text rendered twice in one library instance differs, and it
+seeds its noise generator from the wall clock at initialisation (we reseed it before every call). Each
 `SpeechEngine` therefore loads its OWN copy of the shared library (a temp copy, unlinked right after
 dlopen, dlclosed on close), so its output depends only on the calls made through it. `synthesize()`
 uses a fresh engine per call (a pure function, ~10 ms overhead); the dataset builder uses one fresh
@@ -27,6 +28,7 @@ import re
 import shutil
 import tempfile
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +219,8 @@ class SpeechEngine:
         lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
                                      ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
         lib.espeak_Synth.restype = ctypes.c_int
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        lib.espeak_ng_SetRandSeed.restype = None
         lib.espeak_ListVoices.argtypes = [ctypes.c_void_p]
         lib.espeak_ListVoices.restype = ctypes.POINTER(ctypes.POINTER(_VoiceInfo))
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, self._data_path.encode(), 0)
@@ -316,6 +320,8 @@ class SpeechEngine:
             # Parameters persist across voice changes: set them every call.
             lib.espeak_SetParameter(_PARAM_RATE, int(rate_wpm), 0)
             lib.espeak_SetParameter(_PARAM_PITCH, int(pitch), 0)
+            # espeak_Initialize seeds its noise generator (breathy voices) from the wall clock: reseed per call.
+            lib.espeak_ng_SetRandSeed(zlib.crc32(f"{name}|{rate_wpm}|{pitch}|{text}".encode()))
             self._chunks, self._events = [], []
             err = lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
             chunks, events = self._chunks, self._events
