@@ -194,6 +194,67 @@ def _add_codec(sub) -> None:
     p.set_defaults(func=cmd_codec)
 
 
+def _add_train(sub) -> None:
+    """`moshi-jax train [CONFIG] [key=value ...]`; the job itself is moshi_jax.training.train_lm."""
+
+    def cmd_train(args: argparse.Namespace) -> None:
+        from moshi_jax.training import config as config_lib
+        from moshi_jax.training import train_lm
+        from moshi_jax.training.checkpointing import CheckpointMismatchError
+
+        if args.list_configs:
+            for name in config_lib.available_configs():
+                print(f"{name:8s} {config_lib.CONFIGS_DIR / (name + '.py')}")
+            return
+        overrides = list(args.overrides)
+        name = args.config_path
+        if args.config is not None and "=" in args.config:  # `moshi-jax train steps=10`: no config name given
+            overrides.insert(0, args.config)
+        elif args.config is not None:
+            if name is not None:
+                raise CLIError(f"config given twice: {args.config!r} and --config {name!r}")
+            name = args.config
+        user_errors: tuple[type[Exception], ...] = (config_lib.ConfigError, CheckpointMismatchError)
+        try:  # unusable data sources are user errors too
+            from moshi_jax.data.pipeline import DataConfigError
+            from moshi_jax.data.records import RecordError
+
+            user_errors += (DataConfigError, RecordError)
+        except ImportError:
+            pass
+        try:
+            cfg = config_lib.load_config(name or "tiny", overrides)
+            if args.print_config:
+                print(config_lib.to_json(cfg))
+                return
+            train_lm.setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+            train_lm.run(cfg)
+        except user_errors as e:
+            raise CLIError(str(e)) from e
+
+    p = sub.add_parser(
+        "train", help="train / fine-tune the Moshi LM (default: tiny model on a built-in speech dataset)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train or fine-tune the Moshi LM on a device mesh, with checkpoints (resumed automatically), "
+                    "TensorBoard metrics, a progress bar and a final report.\n\n"
+                    "Without data.sources it builds a small built-in dataset (synthetic two-voice eSpeak NG "
+                    "dialogues with word timestamps, tokenized with Mimi) into <run_dir>/data and trains on it.",
+        epilog="examples:\n"
+               "  moshi-jax train                                   # tiny config, built-in data, CPU, minutes\n"
+               "  moshi-jax train tiny steps=500 optimizer.lr=1e-3 run_dir=runs/t2\n"
+               "  moshi-jax train --config configs/7b.py init_from=model.safetensors data.sources=/data/a:1.0\n"
+               "  moshi-jax train 100m --print-config               # the resolved config as JSON\n"
+               "keys: any field of moshi_jax.training.config.TrainConfig as section.field=value "
+               "(model.<field> overrides the LM config)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="preset name in configs/ (tiny, 100m, 2b, 7b) or a path to a .py config (default tiny)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=200 mesh.fsdp=4")
+    p.add_argument("--config", dest="config_path", default=None, help="same as the positional CONFIG")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--list-configs", action="store_true", help="list the presets in configs/ and exit")
+    p.set_defaults(func=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moshi-jax",
@@ -202,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_codec(sub)
+    _add_train(sub)
     return parser
 
 

@@ -59,7 +59,7 @@ class DataSource:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    # Tokenized datasets (see moshi_jax.data), mixed by weight. Empty: random codes (smoke runs only).
+    # Tokenized datasets (see moshi_jax.data), mixed by weight. Empty: see `builtin`.
     sources: tuple[DataSource, ...] = ()
     eval_sources: tuple[DataSource, ...] = ()
     seq_frames: int = 64  # T, frames of 80 ms per training sequence
@@ -69,9 +69,15 @@ class DataConfig:
     # Text/audio shift in frames: > 0 text AFTER the audio it transcribes (streaming ASR), < 0 text BEFORE the
     # audio (streaming TTS), 0 Moshi's aligned inner monologue. See moshi_jax.data.pipeline.
     text_delay_frames: int = 0
+    # What to train on when `sources` is empty: "speech" builds the built-in dataset (synthetic two-voice eSpeak
+    # dialogues -> Mimi codes + text stream) into <run_dir>/data and uses it; "random": random token grids
+    # (smoke tests of the machinery only: nothing to learn).
+    builtin: str = "speech"
 
     def __post_init__(self):
         _positive(self, "seq_frames", "batch_size")
+        if self.builtin not in BUILTIN_DATA:
+            raise ConfigError(f"data.builtin must be one of {BUILTIN_DATA}, got {self.builtin!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +114,7 @@ class OptimizerConfig:
 
 
 SCHEDULES = ("one_cycle", "cosine", "constant")
+BUILTIN_DATA = ("speech", "random")
 
 
 @dataclasses.dataclass(frozen=True)

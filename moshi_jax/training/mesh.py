@@ -46,7 +46,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("steps", None),  # per-codebook weights of the depth transformer (weights_per_step)
     # LM params (moshi_jax.lm): embedding tables and output heads
     ("vocab", "tensor"),  # text / audio vocabularies (tables and heads)
-    ("depth_embed", "fsdp"),  # the depth transformer's d_model where it differs from the temporal one
+    ("dep_embed", "fsdp"),  # depformer_in output (the depth d_model); fsdp only if `embed` left it free
+    ("low_rank", None),  # low-rank depformer embeddings (off for Moshi)
     # Mimi conv params (moshi_jax.nn.conv): small, replicated
     ("conv_kernel", None),
     ("conv_in", None),
