@@ -255,6 +255,113 @@ def _add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _add_data(sub) -> None:
+    """`moshi-jax data tokenize | tokenize-text | builtin | inspect`; the jobs live in moshi_jax.data.tokenize."""
+
+    def cmd_data(args: argparse.Namespace) -> None:
+        import json
+
+        from moshi_jax.data import tokenize
+        from moshi_jax.data.records import RecordError, TokenizedDataset
+
+        try:
+            if args.data_cmd == "tokenize":
+                speakers = tuple(s for s in args.speakers.split(",") if s) if args.speakers else None
+                opts = tokenize.TokenizeOptions(
+                    num_codebooks=args.num_codebooks, batch_size=args.batch_size, chunk_frames=args.chunk_frames,
+                    on_error=args.on_error, allow_mono=args.allow_mono, resample=not args.no_resample,
+                    main_speaker=args.main_speaker, speakers=speakers, records_per_shard=args.records_per_shard,
+                    progress=not args.no_progress)
+                index = tokenize.tokenize_dataset(args.manifest, args.output, mimi_weights=args.mimi_weights,
+                                                  mimi_preset=args.mimi_preset, mimi_seed=args.seed,
+                                                  tokenizer=args.tokenizer, options=opts)
+                log.info("wrote %s", index)
+            elif args.data_cmd == "tokenize-text":
+                log.info("wrote %s", tokenize.tokenize_text(args.inputs, args.output, args.tokenizer,
+                                                            add_bos_eos=not args.no_bos_eos))
+            elif args.data_cmd == "builtin":
+                sizes = {k: v for k, v in (("num_dialogues", args.num_dialogues), ("seconds", args.seconds))
+                         if v is not None}
+                path = tokenize.prepare_builtin_dataset(
+                    args.output, seed=args.seed, mimi_preset=args.mimi_preset, mimi_weights=args.mimi_weights,
+                    progress=not args.no_progress, **sizes)
+                log.info("built-in dataset: %s (use it as data.sources=%s)", path, path)
+            else:
+                ds = TokenizedDataset.open(args.dataset)
+                summary = {"kind": ds.kind, "counts": ds.index["counts"], "config": ds.index["config"],
+                           "skipped": ds.index["skipped"]}
+                print(json.dumps(summary, indent=2))
+        except (tokenize.TokenizeError, RecordError) as e:
+            raise CLIError(str(e)) from e
+
+    p = sub.add_parser("data", help="datasets: tokenize audio / text for training, build the built-in dataset",
+                       description="Prepare training data: Mimi codes + aligned text in ArrayRecord shards.")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+
+    def mimi_args(q):
+        q.add_argument("--mimi-weights", default=None,
+                       help="reference Mimi safetensors (tokenizer-e351c8d8-checkpoint125.safetensors); without it "
+                            "a seeded RANDOM Mimi is used (loud warning; smoke tests only)")
+        q.add_argument("--mimi-preset", choices=("released", "tiny"), default="released",
+                       help="Mimi configuration (tiny: small random codec for smoke tests)")
+        q.add_argument("--seed", type=int, default=0, help="seed of the random Mimi (and of the built-in data)")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    t = dsub.add_parser(
+        "tokenize", help="moshi-finetune manifest -> Mimi codes + Inner Monologue text (ArrayRecord shards)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Tokenize a moshi-finetune dataset: a .jsonl manifest of {\"path\", \"duration\"}, stereo "
+                    "audio (channel 0 = the model's voice, channel 1 = the user) and a sibling .json of word "
+                    "alignments {\"alignments\": [[word, [start, end], speaker], ...]} per file.\n"
+                    "Writes OUT_DIR/shard-*.array_record (one record per file: int [1 + 2K, frames], text first) "
+                    "and OUT_DIR/index.json (config used, counts, skipped files with reasons).\n"
+                    "Files without alignment .json get a text stream of -1 (no text loss), as moshi-finetune.",
+        epilog="example:\n  moshi-jax data tokenize data/train.jsonl -o data/train_tok "
+               "--mimi-weights tokenizer-e351c8d8-checkpoint125.safetensors --tokenizer tokenizer_spm_32k_3.model")
+    t.add_argument("manifest", help="moshi-finetune .jsonl manifest (paths relative to its directory)")
+    t.add_argument("-o", "--output", required=True, help="output directory (a tokenized dataset)")
+    t.add_argument("--tokenizer", default=None,
+                   help="the LM's SentencePiece model (e.g. tokenizer_spm_32k_3.model); without it every text "
+                        "stream is -1")
+    t.add_argument("--num-codebooks", type=int, default=8, help="Mimi codebooks per channel (default 8)")
+    t.add_argument("--batch-size", type=int, default=8, help="channels encoded in parallel (default 8)")
+    t.add_argument("--chunk-frames", type=int, default=25, help="80 ms frames per jitted Mimi call (default 25)")
+    t.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                   help="bad files: skip them (listed in index.json) or stop with an error (default skip)")
+    t.add_argument("--allow-mono", action="store_true",
+                   help="accept mono files (only the model's streams; the user's stay -1) instead of rejecting them")
+    t.add_argument("--no-resample", action="store_true",
+                   help="reject files whose sample rate is not 24 kHz instead of resampling them")
+    t.add_argument("--main-speaker", default="SPEAKER_MAIN",
+                   help="speaker label of the model's words (default SPEAKER_MAIN)")
+    t.add_argument("--speakers", default=None,
+                   help="comma list of accepted speaker labels (default: only the main speaker); words of other "
+                        "accepted speakers are dropped, unknown labels make the file bad data")
+    t.add_argument("--records-per-shard", type=int, default=1024, help="records per ArrayRecord shard")
+    mimi_args(t)
+
+    x = dsub.add_parser("tokenize-text", help="text documents -> a text-only source (mixed into audio training)",
+                        description="Tokenize text documents (.jsonl with {\"text\": ...} per line, or plain text "
+                                    "with one document per line) into a text-only dataset.")
+    x.add_argument("inputs", nargs="+", help=".jsonl or text files")
+    x.add_argument("-o", "--output", required=True, help="output directory")
+    x.add_argument("--tokenizer", required=True, help="the LM's SentencePiece model")
+    x.add_argument("--no-bos-eos", action="store_true", help="do not put BOS/EOS around each document")
+
+    b = dsub.add_parser("builtin", help="build the built-in dataset (synthetic eSpeak NG dialogues, tokenized)",
+                        description="Synthesize two-voice dialogues with word timestamps (eSpeak NG, offline), "
+                                    "train a small SentencePiece model on their sentences and tokenize them. "
+                                    "Reused when already built with the same settings.")
+    b.add_argument("-o", "--output", required=True, help="output directory")
+    b.add_argument("--num-dialogues", type=int, default=None, help="number of dialogues (default 10)")
+    b.add_argument("--seconds", type=float, default=None, help="length of each dialogue (default 15)")
+    mimi_args(b)
+
+    i = dsub.add_parser("inspect", help="summary of a tokenized dataset (counts, config, skipped files)")
+    i.add_argument("dataset", help="tokenized dataset directory")
+    p.set_defaults(func=cmd_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moshi-jax",
@@ -264,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_codec(sub)
     _add_train(sub)
+    _add_data(sub)
     return parser
 
 
