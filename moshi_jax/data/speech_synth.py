@@ -382,8 +382,7 @@ def _timed_utterance(text: str, audio: np.ndarray, word_starts: list[tuple[int, 
     audio = np.pad(audio, (0, max(0, hi - audio.shape[0])))[lo:hi]
     out = resample(audio, _NATIVE_RATE, SAMPLE_RATE)
     dur = out.shape[0] / SAMPLE_RATE
-    timed = [(w, round((s - lo) / _NATIVE_RATE, 4), round(min((e - lo) / _NATIVE_RATE, dur), 4))
-             for w, s, e in ((w, int(s), int(e)) for w, s, e in words)]
+    timed = [(w, (int(s) - lo) / _NATIVE_RATE, min((int(e) - lo) / _NATIVE_RATE, dur)) for w, s, e in words]
     return Utterance(audio=out, words=timed)
 
 
