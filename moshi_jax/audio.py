@@ -34,22 +34,32 @@ def _wav_truncation(path: Path) -> str | None:
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        pos = 12
-        while pos + 8 <= size:
-            f.seek(pos)
-            chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
-            if chunk_id == b"data":
-                if chunk_size == 0xFFFFFFFF:  # streaming writers: size unknown
-                    return None
-                available = size - (pos + 8)
-                if chunk_size > available:
-                    return f"truncated file: data chunk declares {chunk_size} bytes but only {available} are present"
-                return None
-            pos += 8 + chunk_size + (chunk_size & 1)  # chunks are word-aligned
+        chunks = _riff_chunks(f)
+    for chunk_id, offset, chunk_size in chunks:
+        if chunk_id == b"data" and chunk_size != 0xFFFFFFFF:  # 0xFFFFFFFF: streaming writers, size unknown
+            available = size - offset
+            if chunk_size > available:
+                return f"truncated file: data chunk declares {chunk_size} bytes but only {available} are present"
     return None
+
+
+def _riff_chunks(f) -> list[tuple[bytes, int, int]]:
+    """(chunk id, offset of its payload, declared payload size) for each chunk of an open RIFF/WAVE file."""
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(0)
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return []
+    out, pos = [], 12
+    while pos + 8 <= size:
+        f.seek(pos)
+        chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+        out.append((chunk_id, pos + 8, chunk_size))
+        if chunk_id == b"data":
+            break
+        pos += 8 + chunk_size + (chunk_size & 1)  # chunks are word-aligned
+    return out
 
 
 def resample(wav: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -131,4 +141,11 @@ def save_audio(path: str | os.PathLike, wav: np.ndarray, sample_rate: int) -> Pa
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(p), np.ascontiguousarray(x.T.astype(np.float32)), int(sample_rate), subtype="FLOAT", format="WAV")
+    # libsndfile's PEAK chunk (float WAV) carries the wall-clock write time: zero it so that the same audio
+    # always gives the same bytes (reproducible datasets, content hashes).
+    with open(p, "r+b") as f:
+        for chunk_id, offset, chunk_size in _riff_chunks(f):
+            if chunk_id == b"PEAK" and chunk_size >= 8:
+                f.seek(offset + 4)  # payload: version (u32), timestamp (u32), per-channel peaks
+                f.write(b"\0\0\0\0")
     return p

@@ -137,6 +137,16 @@ def test_save_audio_round_trips_float_wav_and_creates_dirs(tmp_path):
     np.testing.assert_array_equal(load_audio(mono, 24000)[0], x[0])
 
 
+def test_save_audio_is_byte_reproducible_without_the_peak_timestamp(tmp_path):
+    x = _tone(200.0, 24000, 0.1)
+    a, b = save_audio(tmp_path / "a.wav", x, 24000), save_audio(tmp_path / "b.wav", x, 24000)
+    data = a.read_bytes()
+    assert data == b.read_bytes()
+    peak = data.index(b"PEAK")  # libsndfile's peak chunk stays (readers use it), with a zero timestamp
+    assert data[peak + 12 : peak + 16] == b"\0\0\0\0"
+    np.testing.assert_array_equal(load_audio(a, 24000)[0], x)
+
+
 @pytest.mark.parametrize(
     "wav, match",
     [(np.zeros((2, 2, 5)), "must be"), (np.zeros((1, 0)), "empty"), (np.full((5,), np.nan), "NaN")],
