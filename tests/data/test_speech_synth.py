@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -235,6 +237,18 @@ def test_dataset_is_deterministic_for_a_seed(dataset, tmp_path):
         assert a.with_suffix(".json").read_text() == b.with_suffix(".json").read_text()
     first = _items(other)[0]["path"]
     assert (other.parent / first).read_bytes() != (dataset.parent / first).read_bytes()
+
+
+def test_dataset_is_identical_when_built_in_another_process(dataset, tmp_path):
+    code = (
+        "import sys; from moshi_jax.data.speech_synth import build_dialogue_dataset; "
+        "build_dialogue_dataset(sys.argv[1], num_dialogues=1, seconds=12.0, seed=7)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "sub")], check=True, timeout=120)
+    rel = _items(dataset)[0]["path"]
+    assert (tmp_path / "sub" / rel).read_bytes() == (dataset.parent / rel).read_bytes()
+    assert (tmp_path / "sub" / rel).with_suffix(".json").read_text() == (dataset.parent / rel).with_suffix(
+        ".json").read_text()
 
 
 def test_dataset_arguments_are_checked(tmp_path):
