@@ -194,20 +194,39 @@ class Utterance:
         return self.audio.shape[0] / self.sample_rate
 
 
+def _load_private_copy(library: str) -> ctypes.CDLL:
+    """dlopen a fresh copy of `library` (dlopen of the same path would return the loaded instance and its state).
+
+    The copy goes to the temp dir, or to ~/.cache/moshi_jax where the temp dir is mounted noexec; it is
+    unlinked right after loading (the mapping stays valid), so nothing is left on disk.
+    """
+    errors = []
+    for folder in (None, Path.home() / ".cache" / "moshi_jax"):
+        try:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+            fd, copy = tempfile.mkstemp(prefix="moshi_jax_espeak_", suffix=".so", dir=folder)
+            os.close(fd)
+        except OSError as e:
+            errors.append(f"{folder or tempfile.gettempdir()}: {e}")
+            continue
+        try:
+            shutil.copyfile(library, copy)
+            return ctypes.CDLL(copy, mode=ctypes.RTLD_LOCAL)
+        except OSError as e:
+            errors.append(f"{copy}: {e}")
+        finally:
+            os.unlink(copy)
+    raise RuntimeError("cannot load a private copy of the eSpeak NG library: " + "; ".join(errors))
+
+
 class SpeechEngine:
     """One private eSpeak NG instance (own copy of the library, so its state is independent of any other)."""
 
     def __init__(self) -> None:
         el = _loader()
         self._data_path = el.get_data_path()
-        # A private copy: dlopen of the same path would return the already-loaded instance and its state.
-        fd, copy = tempfile.mkstemp(prefix="moshi_jax_espeak_", suffix=".so")
-        os.close(fd)
-        try:
-            shutil.copyfile(el.get_library_path(), copy)
-            self._lib = ctypes.CDLL(copy, mode=ctypes.RTLD_LOCAL)
-        finally:
-            os.unlink(copy)  # the mapping stays valid; nothing is left on disk
+        self._lib = _load_private_copy(el.get_library_path())
         lib = self._lib
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_Initialize.restype = ctypes.c_int

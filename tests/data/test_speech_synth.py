@@ -140,6 +140,30 @@ def test_unknown_voice_is_an_error(voice, match):
         synthesize("Hello.", voice)
 
 
+def test_library_copy_falls_back_to_the_user_cache_where_tmp_is_noexec(monkeypatch, tmp_path):
+    import ctypes
+
+    from moshi_jax.data import speech_synth
+
+    real_cdll, tried = ctypes.CDLL, []
+
+    def cdll(path, *args, **kwargs):  # a noexec temp dir: dlopen fails there
+        tried.append(path)
+        if not path.startswith(str(tmp_path / "home")):
+            raise OSError("failed to map segment from shared object")
+        return real_cdll(path, *args, **kwargs)
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(speech_synth.ctypes, "CDLL", cdll)
+    with SpeechEngine() as engine:
+        assert engine.synthesize("Yes.").duration > 0.1
+    assert len(tried) == 2 and tried[1].startswith(str(tmp_path / "home" / ".cache" / "moshi_jax"))
+    assert list((tmp_path / "home" / ".cache" / "moshi_jax").iterdir()) == []  # the copy is unlinked
+    monkeypatch.setattr(speech_synth.ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("noexec")))
+    with pytest.raises(RuntimeError, match="cannot load a private copy of the eSpeak NG library.*noexec"):
+        SpeechEngine()
+
+
 def test_bad_text_and_parameters_are_errors():
     with pytest.raises(ValueError, match="empty text"):
         synthesize("   ")
