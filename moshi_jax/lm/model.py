@@ -1,0 +1,250 @@
+"""The Moshi LM (reference `moshi.models.lm.LMModel`): temporal transformer (Helium) over the sum of the
+stream embeddings, text head, and the depth transformer (depformer) that predicts the `dep_q` audio
+codebooks of each time step one after the other.
+
+Params (names chosen to follow the reference's state-dict keys; see `moshi_jax.lm.checkpoint`):
+  emb [n_q, card+1, dim]                 text_emb [text_card+1, dim]
+  transformer/... (scanned layers)       out_norm/...          text_linear [dim, text_out]
+  depformer_in [num_in, dim, dep_dim]    depformer_text_emb [text_card+1, dep_dim | r]
+  depformer_emb [dep_q-1, card+1, dep_dim | r]   (+ *_low_rank [.., r, dep_dim] with low-rank embeddings)
+  depformer/... (scanned layers, per-step weights on a `steps` axis)   linears [dep_q, dep_dim, card]
+Per-step tensors carry a leading `steps` axis so `depth_step` can index them with a traced step k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from moshi_jax.lm import delays as dl
+from moshi_jax.lm.config import LMConfig
+from moshi_jax.nn.attention import fan_in_normal
+from moshi_jax.nn.norms import Norm
+from moshi_jax.nn.transformer import Transformer, TransformerState, init_state
+
+Array = jax.Array
+
+
+@struct.dataclass
+class LMOutput:
+    """Training-forward outputs, undelayed (aligned with `codes`); masked positions hold finite junk (0)."""
+
+    text_logits: Array  # [B, 1, T, text_out] float32
+    text_mask: Array  # [B, 1, T] bool
+    audio_logits: Array  # [B, dep_q, T, card] float32
+    audio_mask: Array  # [B, dep_q, T] bool
+
+
+def _stacked_init(init, n: int):
+    """Independent draws of `init` for each entry of a leading stack axis of size `n`."""
+
+    def stacked(key, shape, dtype=jnp.float32):
+        return jnp.stack([init(k, shape[1:], dtype) for k in jax.random.split(key, n)])
+
+    return stacked
+
+
+def _uniform_fan_in(fan_in: int):
+    """PyTorch's default nn.Linear init (kaiming_uniform a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _embed(table: Array, tokens: Array, dtype) -> Array:
+    """Lookup with the reference's zero token: id -1 embeds to exactly 0 (ids are clamped at 0 first)."""
+    y = jnp.take(table, jnp.maximum(tokens, 0), axis=0, mode="clip").astype(dtype)
+    return jnp.where((tokens == -1)[..., None], jnp.zeros((), dtype), y)
+
+
+class LMModel(nn.Module):
+    """`__call__(codes [B, 1+n_q, T]) -> LMOutput` (training forward); `temporal`, `depth`, `depth_step` are
+    the pieces generation uses (call them with `LMModel(cfg).apply({"params": p}, ..., method="temporal")`)."""
+
+    cfg: LMConfig
+
+    def setup(self):
+        cfg = self.cfg
+        t = cfg.temporal
+        pdt = jnp.dtype(t.param_dtype)
+        dim = t.d_model
+        emb_init = fan_in_normal(dim)  # reference: truncated normal, std 1/sqrt(embedding_dim)
+        self.emb = self.param("emb", nn.with_logical_partitioning(
+            _stacked_init(emb_init, cfg.n_q), ("codebooks", "vocab", "embed")), (cfg.n_q, cfg.card + 1, dim), pdt)
+        self.text_emb = self.param("text_emb", nn.with_logical_partitioning(emb_init, ("vocab", "embed")),
+                                   (cfg.text_card + 1, dim), pdt)
+        self.transformer = Transformer(t)
+        self.out_norm = Norm(t.norm, dim, pdt)
+        self.text_linear = self.param("text_linear", nn.with_logical_partitioning(
+            fan_in_normal(dim), ("embed", "vocab")), (dim, cfg.text_out), pdt)
+        if cfg.depth is None:
+            return
+        d = cfg.depth
+        dpdt = jnp.dtype(d.param_dtype)
+        dd = d.d_model
+        self.depformer_in = self.param("depformer_in", nn.with_logical_partitioning(
+            _stacked_init(_uniform_fan_in(dim), cfg.num_depformer_in), ("steps", "embed", "dep_embed")),
+            (cfg.num_depformer_in, dim, dd), dpdt)
+        r = cfg.depformer_low_rank_embeddings
+        width = dd if r is None else r
+        e_axes = ("vocab", "embed") if r is None else ("vocab", "low_rank")
+        self.depformer_text_emb = self.param("depformer_text_emb", nn.with_logical_partitioning(
+            fan_in_normal(width), e_axes), (cfg.text_card + 1, width), dpdt)
+        n_emb = cfg.dep_q - 1  # the last codebook is never a depformer input
+        self.depformer_emb = self.param("depformer_emb", nn.with_logical_partitioning(
+            _stacked_init(fan_in_normal(width), n_emb), ("steps",) + e_axes), (n_emb, cfg.card + 1, width), dpdt)
+        if r is not None:
+            self.depformer_text_emb_low_rank = self.param(
+                "depformer_text_emb_low_rank", nn.with_logical_partitioning(_uniform_fan_in(r), ("low_rank", "embed")),
+                (r, dd), dpdt)
+            self.depformer_emb_low_rank = self.param(
+                "depformer_emb_low_rank", nn.with_logical_partitioning(
+                    _stacked_init(_uniform_fan_in(r), n_emb), ("steps", "low_rank", "embed")), (n_emb, r, dd), dpdt)
+        self.depformer = Transformer(d)
+        self.linears = self.param("linears", nn.with_logical_partitioning(
+            _stacked_init(fan_in_normal(dd), cfg.dep_q), ("steps", "embed", "vocab")), (cfg.dep_q, dd, cfg.card), dpdt)
+
+    # ------------------------------------------------------------------ temporal transformer
+    def temporal(self, tokens: Array, state: TransformerState | None = None
+                 ) -> tuple[Array, Array, TransformerState | None]:
+        """tokens `[B, 1+n_q, T]` int32, already the model input (delayed and shifted; -1 = zero embedding)
+        -> (hidden `[B, T, dim]` after out_norm, text logits `[B, T, text_out]` float32, new state)."""
+        cfg = self.cfg
+        if tokens.ndim != 3 or tokens.shape[1] != cfg.num_streams:
+            raise ValueError(f"tokens must be [B, {cfg.num_streams}, T], got {tokens.shape}")
+        dtype = jnp.dtype(cfg.temporal.dtype)
+        x = None
+        for k in range(cfg.n_q):  # reference order: audio streams, then text
+            e = _embed(self.emb[k], tokens[:, 1 + k], dtype)
+            x = e if x is None else x + e
+        e = _embed(self.text_emb, tokens[:, 0], dtype)
+        x = e if x is None else x + e
+        x, state = self.transformer(x, state)
+        hidden = self.out_norm(x)
+        # In the compute dtype like the reference's Linear, then float32 for the softmax / sampling.
+        text_logits = jnp.einsum("btd,dv->btv", hidden, self.text_linear.astype(dtype)).astype(jnp.float32)
+        return hidden, text_logits, state
+
+    # ------------------------------------------------------------------ depth transformer
+    def _project_in(self, hidden: Array, index: Array) -> Array:
+        d = self.cfg.depth
+        w = self.depformer_in[index].astype(d.dtype)
+        return jnp.einsum("...d,...de->...e", hidden.astype(d.dtype), w)
+
+    def _dep_token_emb(self, tokens: Array, table: Array, low_rank: Array | None) -> Array:
+        dtype = jnp.dtype(self.cfg.depth.dtype)
+        y = _embed(table, tokens, dtype)
+        if low_rank is not None:
+            y = y @ low_rank.astype(dtype)
+        return y
+
+    def depth(self, hidden: Array, tokens: Array) -> Array:
+        """Teacher-forced depformer: hidden `[B, T, dim]`, tokens `[B, dep_q, T]` (row 0 the text token of each
+        position, row k the audio codebook k-1: the delayed grid's current-position tokens)
+        -> audio logits `[B, dep_q, T, card]` float32."""
+        cfg = self.cfg
+        if cfg.depth is None:
+            raise ValueError("this LM has no depth transformer (dep_q == 0)")
+        B, T, _ = hidden.shape
+        Ka = cfg.dep_q
+        if tokens.shape != (B, Ka, T):
+            raise ValueError(f"tokens must be [B, dep_q, T] = {(B, Ka, T)}, got {tokens.shape}")
+        r = cfg.depformer_low_rank_embeddings
+        idx = jnp.asarray([cfg.depformer_in_index(k) for k in range(Ka)], jnp.int32)
+        dtype = jnp.dtype(cfg.depth.dtype)
+        proj = jnp.einsum("btd,kde->btke", hidden.astype(dtype), self.depformer_in[idx].astype(dtype))
+        tok = [self._dep_token_emb(tokens[:, 0], self.depformer_text_emb,
+                                   None if r is None else self.depformer_text_emb_low_rank)]
+        for k in range(1, Ka):
+            tok.append(self._dep_token_emb(tokens[:, k], self.depformer_emb[k - 1],
+                                           None if r is None else self.depformer_emb_low_rank[k - 1]))
+        x = jnp.stack(tok, axis=2) + proj  # [B, T, Ka, dep_dim]
+        y, _ = self.depformer(x.reshape(B * T, Ka, -1))
+        logits = jnp.einsum("nkd,kdc->nkc", y, self.linears.astype(y.dtype)).astype(jnp.float32)
+        return logits.reshape(B, T, Ka, -1).transpose(0, 2, 1, 3)
+
+    def depth_step(self, hidden: Array, token: Array, k: Array, state: TransformerState
+                   ) -> tuple[Array, TransformerState]:
+        """One depformer step: hidden `[B, dim]` (temporal output of this time step), token `[B]` int32 (the
+        text token for k == 0, else audio codebook k-1), k int32 scalar (may be traced; must equal the number
+        of steps already in `state`) -> (logits `[B, card]` float32 for codebook k, new state)."""
+        cfg = self.cfg
+        if cfg.depth is None:
+            raise ValueError("this LM has no depth transformer (dep_q == 0)")
+        k = jnp.asarray(k, jnp.int32)
+        r = cfg.depformer_low_rank_embeddings
+        if cfg.depformer_multi_linear and cfg.depformer_weights_per_step_schedule:
+            in_index = jnp.asarray(cfg.depformer_weights_per_step_schedule, jnp.int32)[k]
+        elif cfg.depformer_multi_linear:
+            in_index = k
+        else:
+            in_index = jnp.zeros((), jnp.int32)
+        x = self._project_in(hidden, in_index)
+        text_e = self._dep_token_emb(token, self.depformer_text_emb,
+                                     None if r is None else self.depformer_text_emb_low_rank)
+        if cfg.dep_q > 1:
+            a = jnp.maximum(k - 1, 0)
+            audio_e = self._dep_token_emb(token, self.depformer_emb[a],
+                                          None if r is None else self.depformer_emb_low_rank[a])
+            tok_e = jnp.where(k == 0, text_e, audio_e)
+        else:
+            tok_e = text_e
+        y, state = self.depformer((tok_e + x)[:, None], state)
+        logits = jnp.einsum("bd,dc->bc", y[:, 0], self.linears[k].astype(y.dtype)).astype(jnp.float32)
+        return logits, state
+
+    # ------------------------------------------------------------------ training forward
+    def __call__(self, codes: Array) -> LMOutput:
+        """codes `[B, 1+n_q, T]` int32 (-1 = no token) -> LMOutput aligned with `codes` (reference
+        `LMModel.forward`: delay, initial column, temporal + teacher-forced depth, undelay, masks)."""
+        cfg = self.cfg
+        if codes.ndim != 3 or codes.shape[1] != cfg.num_streams:
+            raise ValueError(f"codes must be [B, {cfg.num_streams}, T], got {codes.shape}")
+        codes = codes.astype(jnp.int32)
+        B, _, T = codes.shape
+        initial = dl.initial_tokens(cfg.text_initial_token_id, cfg.initial_token_id, cfg.n_q)
+        seq = dl.model_input(codes, cfg.delays, initial)  # [B, K, T + 1]
+        hidden, text_logits, _ = self.temporal(seq[:, :, :-1])
+        text_logits, text_mask = dl.undelay(text_logits[:, None], cfg.delays[:1])
+        text_mask = text_mask & (codes[:, :1] != cfg.zero_token_id)
+        if cfg.dep_q:
+            audio = self.depth(hidden, seq[:, : cfg.dep_q, 1:])
+        else:
+            audio = jnp.zeros((B, 0, T, cfg.card), jnp.float32)
+        audio_logits, audio_mask = dl.undelay(audio, cfg.delays[1: 1 + cfg.dep_q])
+        audio_mask = audio_mask & (codes[:, 1: 1 + cfg.dep_q] != cfg.zero_token_id)
+        return LMOutput(text_logits=text_logits, text_mask=text_mask, audio_logits=audio_logits,
+                        audio_mask=audio_mask)
+
+
+def forward(params, codes: Array, cfg: LMConfig) -> LMOutput:
+    """Training forward as a pure function: `LMModel(cfg).apply({"params": params}, codes)`."""
+    return LMModel(cfg).apply({"params": params}, codes)
+
+
+def init_temporal_state(cfg: LMConfig, batch_size: int) -> TransformerState:
+    """Fresh streaming state of the temporal transformer (KV rings of `temporal.context` steps)."""
+    return init_state(cfg.temporal, batch_size)
+
+
+def init_depth_state(cfg: LMConfig, batch_size: int) -> TransformerState:
+    """Fresh depformer state for one time step (KV rings of dep_q steps, offset 0)."""
+    if cfg.depth is None:
+        raise ValueError("this LM has no depth transformer (dep_q == 0)")
+    return init_state(cfg.depth, batch_size)
+
+
+def init_params(cfg: LMConfig, key: Array, seq_len: int = 2):
+    """Random params (boxed with logical axis names, as `LMModel(cfg).init(...)["params"]`)."""
+    return LMModel(cfg).init(key, jnp.zeros((1, cfg.num_streams, seq_len), jnp.int32))["params"]
+
+
+def param_count(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(params)))
