@@ -244,6 +244,7 @@ class SpeechEngine:
         lib.espeak_ListVoices.restype = ctypes.POINTER(ctypes.POINTER(_VoiceInfo))
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, self._data_path.encode(), 0)
         if rate != _NATIVE_RATE:
+            _ctypes.dlclose(lib._handle)
             raise RuntimeError(f"eSpeak NG initialisation failed (returned {rate}, expected rate {_NATIVE_RATE})")
         self._lock = threading.Lock()
         self._chunks: list[np.ndarray] = []
