@@ -33,7 +33,6 @@ import io
 import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -184,7 +183,7 @@ def load_file(entry: Entry, *, sample_rate: int, frame_rate: float, opts: Tokeni
     if alignments is None:
         text = np.full((num_frames,), -1, np.int32)
         return LoadedFile(entry, wav, num_frames, text, False, False, 0)
-    _check_alignments(entry, alignments, actual, opts)
+    alignments = _check_alignments(entry, alignments, actual, opts)
     if word_tokens is None:  # alignments but no tokenizer: the job logged this once; the text stays -1
         return LoadedFile(entry, wav, num_frames, np.full((num_frames,), -1, np.int32), False, True,
                           len(alignments))
@@ -193,6 +192,7 @@ def load_file(entry: Entry, *, sample_rate: int, frame_rate: float, opts: Tokeni
 
 
 def _read_alignments(entry: Entry) -> list | None:
+    """The raw "alignments" list of the sibling .json, or None when the file has none (no transcript)."""
     path = _alignment_path(entry.path)
     if not path.exists():
         return None
@@ -202,24 +202,15 @@ def _read_alignments(entry: Entry) -> list | None:
         raise BadFile(entry, f"alignment file {path.name} is not readable JSON: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("alignments"), list):
         raise BadFile(entry, f'alignment file {path.name} has no "alignments" list')
-    out = []
-    for i, a in enumerate(data["alignments"]):
-        ok = (isinstance(a, list | tuple) and len(a) == 3 and isinstance(a[0], str)
-              and isinstance(a[1], list | tuple) and len(a[1]) == 2
-              and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in a[1])
-              and isinstance(a[2], str))
-        if not ok:
-            raise BadFile(entry, f"alignment {i} in {path.name} is not [word, [start, end], speaker]: {a!r}")
-        out.append((a[0], (float(a[1][0]), float(a[1][1])), a[2]))
-    return out
+    return data["alignments"]
 
 
-def _check_alignments(entry: Entry, alignments: list, duration: float, opts: TokenizeOptions) -> None:
-    """Words must lie inside the audio (one frame of slack) and carry a known speaker label."""
+def _check_alignments(entry: Entry, alignments: list, duration: float, opts: TokenizeOptions) -> list:
+    """Well-formed entries inside the audio (one frame of slack), with known speaker labels -> clean tuples."""
     from moshi_jax.data import interleaver
 
     try:
-        interleaver.validate_alignments(alignments, duration, speakers=opts.allowed_speakers)
+        return interleaver.validate_alignments(alignments, duration, speakers=opts.allowed_speakers)
     except interleaver.AlignmentError as e:
         raise BadFile(entry, f"{_alignment_path(entry.path).name}: {e}") from None
 
@@ -558,13 +549,14 @@ BUILTIN_VERSION = 1  # bump when the built-in dataset's content changes
 def prepare_builtin_dataset(out_dir: str | Path, *, num_dialogues: int = 10, seconds: float = 15.0, seed: int = 0,
                             mimi_preset: str = "released", mimi_weights: str | Path | None = None,
                             mimi_seed: int = 0, num_codebooks: int = 8, vocab_size: int = 512,
-                            batch_size: int = 8, chunk_frames: int = 25, progress: bool = True) -> Path:
+                            batch_size: int = 8, chunk_frames: int = 25, progress: bool = True, mimi=None) -> Path:
     """The built-in training data, built offline: synthetic two-voice dialogues (eSpeak NG, moshi-finetune
     layout) in `out_dir/raw`, a SentencePiece model trained on their sentence corpus (`out_dir/tokenizer.model`,
     vocab <= `vocab_size`), the dialogues tokenized with Mimi (`out_dir/tokens`, returned) and a text-only
     source of the same corpus (`out_dir/text`). Without `mimi_weights` the codec is a seeded RANDOM Mimi
     (no weights can be downloaded here; logged loudly). Idempotent: a finished build with the same settings
-    is reused as is.
+    is reused as is. `mimi`: an already built (codec, params, description) from `load_mimi` to reuse (must
+    match `mimi_preset` / `mimi_weights` / `mimi_seed`: they are what the reuse check compares).
     """
     from moshi_jax.data import speech_synth
 
@@ -594,7 +586,7 @@ def prepare_builtin_dataset(out_dir: str | Path, *, num_dialogues: int = 10, sec
     opts = TokenizeOptions(num_codebooks=num_codebooks, batch_size=batch_size, chunk_frames=chunk_frames,
                            on_error="fail", progress=progress)
     tokenize_dataset(manifest, tokens, mimi_weights=mimi_weights, mimi_preset=mimi_preset, mimi_seed=mimi_seed,
-                     tokenizer=spm_path, options=opts)
+                     tokenizer=spm_path, options=opts, mimi=mimi)
     corpus = out / "raw" / "sentences.txt"
     corpus.write_text("\n".join(speech_synth.SENTENCES) + "\n")
     tokenize_text([corpus], text, spm_path)
