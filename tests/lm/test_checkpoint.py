@@ -1,0 +1,211 @@
+"""Reference LM checkpoints: strict import (file / state dict, bf16 / float32, released / live key names),
+export that the reference loads strictly, repository directories, and the 7B layout checked abstractly."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from test_model_parity import (
+    MOSHI_SMALL_KWARGS,
+    TEST_LM_KWARGS,
+    assert_outputs_match,
+    build_reference,
+    jit_forward,
+    random_codes,
+    reference_outputs,
+)
+
+from moshi_jax.lm import checkpoint as ck
+from moshi_jax.lm.config import MOSHI_7B_KWARGS, LMConfig
+
+CONFIGS = {"moshi_small": MOSHI_SMALL_KWARGS, "test_lm": TEST_LM_KWARGS}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def case(request):
+    kwargs = CONFIGS[request.param]
+    ref = build_reference(kwargs, seed=5)
+    return kwargs, LMConfig.from_reference_kwargs(kwargs), ref
+
+
+def _released_layout(state_dict) -> dict[str, np.ndarray]:
+    """A live reference state dict -> the released file layout (stacked per-step attention projections)."""
+    src = ck._Source({k: v.numpy() for k, v in state_dict.items()})
+    return {k: src.get(k) for k in src.keys()}
+
+
+@pytest.mark.parity
+def test_export_is_loaded_strictly_by_the_reference_and_gives_identical_logits(case, tmp_path):
+    kwargs, cfg, ref = case
+    params = ck.load_reference(ref.state_dict(), cfg)
+    path = tmp_path / "model.safetensors"
+    ck.save_reference(params, cfg, path)
+    import torch
+    from moshi.models import loaders
+
+    # get_moshi_lm loads with load_state_dict(strict=True): any missing / unexpected key would raise.
+    ref2 = loaders.get_moshi_lm(path, lm_kwargs=dict(kwargs), dtype=torch.float32)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, ref2.state_dict()[k]), k
+    codes = random_codes(cfg, B=2, T=7, seed=2)
+    out1, out2 = reference_outputs(ref, codes), reference_outputs(ref2, codes)
+    for a, b in zip(out1, out2, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The exported file uses the released key names (stacked projections), like moshiko's model.safetensors.
+    from safetensors import safe_open
+
+    with safe_open(str(path), "numpy") as f:
+        keys = set(f.keys())
+    assert "transformer.layers.0.self_attn.in_proj_weight" in keys
+    assert not any(".in_projs." in k for k in keys)
+    assert keys == set(ck.reference_shapes(cfg))
+
+
+@pytest.mark.parity
+def test_import_from_released_layout_file_equals_import_from_live_state_dict(case, tmp_path):
+    _, cfg, ref = case
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "released.safetensors"
+    save_file(_released_layout(ref.state_dict()), str(path))
+    a = ck.load_reference(ref.state_dict(), cfg)
+    b = ck.load_reference(path, cfg)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
+    codes = random_codes(cfg, B=1, T=6, seed=4)
+    assert_outputs_match(reference_outputs(ref, codes), jit_forward(b, jnp.asarray(codes, jnp.int32), cfg))
+
+
+@pytest.mark.parity
+def test_bf16_checkpoint_imports_exactly_as_float32_or_bf16_params(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    ref = build_reference(TEST_LM_KWARGS, seed=7)
+    sd16 = {k: v.to(torch.bfloat16).contiguous() for k, v in ref.state_dict().items()}
+    path = tmp_path / "bf16.safetensors"
+    save_file(sd16, str(path))
+    p32 = ck.load_reference(path, cfg)  # config default: float32 params
+    p16 = ck.load_reference(path, cfg, dtype="bfloat16")
+    p_mem = ck.load_reference(sd16, cfg, dtype=jnp.float32)  # in-memory torch bf16 tensors
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p32))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p16))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b, np.float32)), p32, p16)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), p32, p_mem)
+    want = sd16["text_linear.weight"].float().numpy().T
+    np.testing.assert_array_equal(p32["text_linear"], want)
+    # Export of bf16 params writes bf16 tensors with the same values.
+    out = ck.to_reference_state_dict(p16, cfg)
+    assert out["text_linear.weight"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(out["emb.0.weight"].astype(np.float32), sd16["emb.0.weight"].float().numpy())
+
+
+def _numpy_sd(kwargs, seed=0):
+    return {k: v.numpy() for k, v in build_reference(kwargs, seed).state_dict().items()}
+
+
+@pytest.mark.parity
+def test_missing_key_is_an_error_naming_it():
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    sd = _numpy_sd(TEST_LM_KWARGS)
+    del sd["depformer_emb.1.low_rank.weight"]
+    with pytest.raises(ValueError, match=r"missing keys \(1\): depformer_emb\.1\.low_rank\.weight"):
+        ck.load_reference(sd, cfg)
+
+
+@pytest.mark.parity
+def test_unexpected_key_is_an_error_naming_it():
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    sd = _numpy_sd(TEST_LM_KWARGS)
+    sd["extra_heads.0.weight"] = np.zeros((6, 16), np.float32)
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): extra_heads\.0\.weight"):
+        ck.load_reference(sd, cfg)
+
+
+@pytest.mark.parity
+def test_misshaped_key_is_an_error_naming_it_and_both_shapes():
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    sd = _numpy_sd(TEST_LM_KWARGS)
+    sd["text_emb.weight"] = sd["text_emb.weight"][:-1]
+    with pytest.raises(ValueError, match=r"misshaped keys \(1\): text_emb\.weight: checkpoint \(48, 16\), "
+                                         r"expected \(49, 16\)"):
+        ck.load_reference(sd, cfg)
+
+
+@pytest.mark.parity
+def test_checkpoint_of_another_config_is_rejected_with_all_problems_listed():
+    cfg = LMConfig.from_reference_kwargs({**TEST_LM_KWARGS, "num_layers": 1})
+    with pytest.raises(ValueError, match=r"unexpected keys \(\d+\): .*; transformer\.layers\.1\."):
+        ck.load_reference(_numpy_sd(TEST_LM_KWARGS), cfg)
+
+
+def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="LM checkpoint not found"):
+        ck.load_reference(tmp_path / "nope.safetensors", LMConfig.tiny())
+
+
+@pytest.mark.parity
+def test_load_pretrained_reads_config_json_and_model_file_of_a_repo_dir(tmp_path):
+    kwargs = MOSHI_SMALL_KWARGS
+    ref = build_reference(kwargs, seed=9)
+    conf = {**kwargs, "moshi_name": "lm.safetensors", "mimi_name": "mimi.safetensors", "model_type": "moshi",
+            "lm_gen_config": {"temp": 0.6}, "tokenizer_name": "tok.model"}
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    from safetensors.numpy import save_file
+
+    save_file(_released_layout(ref.state_dict()), str(tmp_path / "lm.safetensors"))
+    info = ck.read_repo(tmp_path)
+    assert info.mimi_weights == tmp_path / "mimi.safetensors" and info.lm_gen_config == {"temp": 0.6}
+    cfg, params = ck.load_pretrained(tmp_path)
+    assert cfg == LMConfig.from_reference_kwargs(kwargs)
+    codes = random_codes(cfg, B=1, T=5, seed=1)
+    assert_outputs_match(reference_outputs(ref, codes), jit_forward(params, jnp.asarray(codes, jnp.int32), cfg))
+    cfg16, p16 = ck.load_pretrained(tmp_path, dtype="bfloat16")
+    assert cfg16.dtype == "bfloat16" and p16["text_emb"].dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------- 7B, abstractly
+
+
+@pytest.fixture(scope="module")
+def abstract_7b():
+    return ck.abstract_params(LMConfig.moshi_7b())  # ShapeDtypeStructs only: nothing allocated
+
+
+def test_7b_param_tree_has_the_released_parameter_count_and_maps_onto_the_reference_layout(abstract_7b):
+    cfg = LMConfig.moshi_7b()
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_7b))
+    assert n == 7_687_729_152
+    ck.check_layout(cfg, abstract_7b)  # every leaf covered, every converted slice the right shape
+    shapes = ck.reference_shapes(cfg)
+    assert len(shapes) == 355 and sum(int(np.prod(s)) for s in shapes.values()) == n
+    # Spot checks against the released file (spec section 3.2).
+    assert shapes["transformer.layers.31.self_attn.in_proj_weight"] == (12288, 4096)
+    assert shapes["transformer.layers.0.gating.linear_in.weight"] == (22528, 4096)
+    assert shapes["depformer.layers.5.self_attn.in_proj_weight"] == (24576, 1024)
+    assert shapes["depformer.layers.0.self_attn.out_proj.weight"] == (8192, 1024)
+    assert shapes["depformer.layers.0.gating.7.linear_out.weight"] == (1024, 2816)
+    assert shapes["out_norm.alpha"] == (1, 1, 4096) and shapes["depformer_emb.6.weight"] == (2049, 1024)
+
+
+@pytest.mark.parity
+def test_7b_key_list_and_shapes_equal_the_reference_model_built_on_the_meta_device():
+    import torch
+    from moshi.models.lm import LMModel as RefLM
+
+    ref = RefLM(device="meta", dtype=torch.bfloat16, **MOSHI_7B_KWARGS)  # no memory allocated
+    src = ck._Source(ref.state_dict())
+    got = {k: src.shape(k) for k in src.keys()}
+    assert got == ck.reference_shapes(LMConfig.moshi_7b())
+
+
+def test_2b_and_bench_presets_map_onto_their_reference_layouts():
+    for cfg, count in ((LMConfig.moshi_2b(), 3_729_761_280), (LMConfig.bench_111m(), 111_627_264)):
+        abstract = ck.abstract_params(cfg)
+        assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract)) == count
+        ck.check_layout(cfg, abstract)
