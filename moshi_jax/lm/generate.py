@@ -26,6 +26,7 @@ streaming context per frame), so it is not part of the state.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -118,7 +119,8 @@ def _check_inputs(cfg: LMConfig, state: GenState, user_codes: Array) -> None:
 
 def _step(params: Params, state: GenState, user_codes: Array, rng: Array | None, *, cfg: LMConfig,
           sampling: SamplingConfig = DEFAULT_SAMPLING, forced_text: Array | None = None,
-          forced_audio: Array | None = None, return_logits: bool = False) -> tuple[GenState, StepOutput]:
+          forced_audio: Array | None = None, return_logits: bool = False,
+          text_hook: Callable[[Array], Array] | None = None) -> tuple[GenState, StepOutput]:
     _check_inputs(cfg, state, user_codes)
     model = lm_model.LMModel(cfg)
     variables = {"params": params}
@@ -153,6 +155,8 @@ def _step(params: Params, state: GenState, user_codes: Array, rng: Array | None,
                         pad_bias)
     if forced_text is not None:
         text = jnp.where(forced_text >= 0, forced_text.astype(jnp.int32), text)
+    if text_hook is not None:  # e.g. the TTS word-feeding state machine: sampled text [B] -> text fed on [B]
+        text = text_hook(text).astype(jnp.int32)
 
     # 4. depth transformer: dep_q sequential steps inside this compiled step
     audio = jnp.zeros((B, dep_q), jnp.int32)
