@@ -581,6 +581,9 @@ def prepare_builtin_dataset(out_dir: str | Path, *, num_dialogues: int = 10, sec
             shutil.rmtree(d)
     log.info("building the built-in dataset in %s: %d synthetic dialogues of %.0f s (eSpeak NG)", out,
              num_dialogues, seconds)
+    if mimi_weights is None:
+        log.info("no Mimi weights can be downloaded on this machine: the built-in dataset is tokenized with a "
+                 "seeded random Mimi (%s config); pass mimi_weights for the released codec", mimi_preset)
     manifest = speech_synth.build_dialogue_dataset(out / "raw", num_dialogues, seconds, seed)
     spm_path = train_sentencepiece(speech_synth.SENTENCES, out / "tokenizer.model", vocab_size)
     opts = TokenizeOptions(num_codebooks=num_codebooks, batch_size=batch_size, chunk_frames=chunk_frames,

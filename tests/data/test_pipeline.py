@@ -284,3 +284,11 @@ def test_sources_that_do_not_fit_the_lm_are_rejected_with_the_reason(tmp_path):
         pipeline.make_dataset(data_cfg([(str(tmp_path / "nope"), 1.0)]), LM, True)
     with pytest.raises(pipeline.DataConfigError, match="eval_sources is empty"):
         pipeline.make_dataset(data_cfg([(few, 1.0)]), LM, False)
+
+
+def test_describe_counts_records_frames_and_windows_per_source(two_sources):
+    a, b = two_sources
+    info = pipeline.describe(data_cfg([(a, 2.0), (b, 1.0)], seq_frames=16), LM)
+    assert info[a]["records"] == 5 and info[a]["frames"] == 40 + 23 + 9 + 61 + 30
+    assert info[a]["windows"] == 3 + 2 + 1 + 4 + 2 and info[a]["weight"] == 2.0
+    assert info[b]["kind"] == "audio" and info[b]["windows"] == 4 + 2 + 3
