@@ -116,6 +116,24 @@ def batch_divisor(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """`spec` with the mesh axes that do not evenly divide their dimension dropped (that dimension is then split
+    over the longest dividing prefix of its axes, or replicated). jax arrays cannot be sharded unevenly, and
+    some dimensions are odd on purpose: the input tables have card + 1 / text_card + 1 rows (the initial
+    token), so e.g. `vocab -> tensor` applies to the 32000-way text head but not to the 32001-row table."""
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+    out = []
+    for dim, entry in zip(shape, entries, strict=True):
+        axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        kept: list[str] = []
+        for a in axes:
+            if dim % (math.prod(mesh.shape[x] for x in kept) * mesh.shape[a]):
+                break
+            kept.append(a)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
 def param_partition_specs(axes: dict[Any, tuple[str | None, ...]], rules: Iterable[tuple[str, Any]] = (
         LOGICAL_AXIS_RULES)) -> dict[Any, PartitionSpec]:
     """Flat {path: mesh PartitionSpec} from flat {path: logical axes} (as flax resolves them)."""

@@ -119,12 +119,22 @@ def _cast(tree: Any, dtype) -> Any:
 # ----------------------------------------------------------------------------------------------- shardings
 
 
-def logical_shardings(flat_axes: dict[Path, tuple], mesh: Mesh, rules: Rules) -> Any:
-    """Nested tree of NamedShardings from flat {path: logical axis names} via the logical axis rules."""
+def logical_shardings(flat_axes: dict[Path, tuple], mesh: Mesh, rules: Rules, shapes: Any = None) -> Any:
+    """Nested tree of NamedShardings from flat {path: logical axis names} via the logical axis rules. With
+    `shapes` (a tree of arrays / ShapeDtypeStructs with the same paths), mesh axes that do not evenly divide
+    their dimension are dropped for that param (`mesh.fit_spec`)."""
+    from moshi_jax.training.mesh import fit_spec
+
     if not flat_axes:
         return {}
-    specs = traverse_util.unflatten_dict({k: PartitionSpec(*v) for k, v in flat_axes.items()})
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    flat_shapes = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()} if shapes else {}
+    out = {}
+    for k, v in flat_axes.items():
+        spec = nn.logical_to_mesh_axes(v, rules)
+        if k in flat_shapes:
+            spec = fit_spec(spec, flat_shapes[k], mesh)
+        out[k] = NamedSharding(mesh, spec)
+    return traverse_util.unflatten_dict(out)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -165,10 +175,10 @@ def build_state_spec(task: TrainTask, tx: optax.GradientTransformation, mesh: Me
 
     init_fn = _make_init_fn(task, partition, tx)
     abstract_state, abstract_frozen = jax.eval_shape(init_fn, key)
-    trainable_sh = logical_shardings(partition.trainable_axes(axes), mesh, rules)
+    trainable_sh = logical_shardings(partition.trainable_axes(axes), mesh, rules, abstract_state.params)
     if partition.is_lora:  # an empty "base" ({}) has no axes entries, so add it back
         trainable_sh = {"lora": trainable_sh["lora"], "base": trainable_sh.get("base", {})}
-    frozen_sh = logical_shardings(partition.frozen_axes(axes), mesh, rules)
+    frozen_sh = logical_shardings(partition.frozen_axes(axes), mesh, rules, abstract_frozen)
     state_sh = TrainState(step=replicated(mesh), params=trainable_sh,
                           opt_state=opt_state_shardings(tx, abstract_state.opt_state, trainable_sh, mesh),
                           rng=replicated(mesh))
@@ -221,7 +231,7 @@ def init_from_params(spec: StateSpec, params: Any, tx: optax.GradientTransformat
     bad = [(k, tuple(got[k].shape), want[k].shape) for k in want if tuple(got[k].shape) != tuple(want[k].shape)]
     if bad:
         raise ValueError(f"param shapes do not match the model (path, got, expected): {bad[:5]}")
-    param_sh = logical_shardings(spec.axes, spec.mesh, spec.rules)
+    param_sh = logical_shardings(spec.axes, spec.mesh, spec.rules, spec.abstract_params)
     params = jax.device_put(params, param_sh)
 
     def build(p, key):

@@ -78,3 +78,14 @@ def test_transformer_params_shard_embed_on_fsdp_and_wide_axes_on_tensor():
     assert specs[layer + ("mlp", "linear_in")] == PartitionSpec(None, None, "fsdp", None, "tensor")
     assert specs[layer + ("norm1", "alpha")] == PartitionSpec(None, None)
     assert nn.logical_to_mesh_axes(("vocab", "embed"), LOGICAL_AXIS_RULES) == PartitionSpec("tensor", "fsdp")
+
+
+def test_fit_spec_drops_mesh_axes_that_do_not_divide_the_dimension():
+    from moshi_jax.training.mesh import fit_spec
+
+    mesh = make_mesh((2, 2, 2))
+    assert fit_spec(PartitionSpec("tensor", "fsdp"), (513, 64), mesh) == PartitionSpec(None, "fsdp")
+    assert fit_spec(PartitionSpec("tensor", "fsdp"), (512, 64), mesh) == PartitionSpec("tensor", "fsdp")
+    # A multi-axis entry keeps its longest dividing prefix; missing trailing entries stay replicated.
+    assert fit_spec(PartitionSpec(("data", "fsdp")), (6, 3), mesh) == PartitionSpec("data", None)
+    assert fit_spec(PartitionSpec(("data", "fsdp")), (3, 3), mesh) == PartitionSpec(None, None)
