@@ -122,6 +122,7 @@ class FrameOut:
     audio_valid: Array  # [B] bool: `pcm` is meaningful
     frame: Array  # [B] int32 index of this frame in its conversation (-1 for paused items)
     done: Array  # [B] bool: TTS finished (the last word's audio plus final padding was emitted)
+    codes: Array  # [B, dep_q] int32 the Mimi codes behind `pcm` (-1 where `audio_valid` is False)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -476,7 +477,8 @@ class Engine:
         valid, audio_valid = valid & active, audio_valid & active
         return new, FrameOut(
             pcm=jnp.where(audio_valid[:, None], pcm, 0.0), text_token=jnp.where(valid, text, -1), valid=valid,
-            audio_valid=audio_valid, frame=jnp.where(active, s, -1), done=done & active)
+            audio_valid=audio_valid, frame=jnp.where(active, s, -1), done=done & active,
+            codes=jnp.where(audio_valid[:, None], out.audio, -1))
 
     def check_inputs(self, state: EngineState, user_pcm, active) -> tuple[Array, Array]:
         """Host-side shape checks with clear errors (the jitted step would fail with a shape trace)."""
