@@ -46,14 +46,13 @@ class LMConfig:
     text_card_out: int | None = None  # text head size if different from text_card
 
     def __post_init__(self):
+        object.__setattr__(self, "delays", tuple(self.delays))  # hashable: configs are jit static args
         if self.n_q < self.dep_q:
             raise ValueError(f"dep_q ({self.dep_q}) cannot exceed n_q ({self.n_q})")
         if len(self.delays) != self.n_q + 1:
             raise ValueError(f"delays has {len(self.delays)} entries, expected n_q + 1 = {self.n_q + 1}")
         if any(d < 0 for d in self.delays):
             raise ValueError(f"delays must be >= 0, got {self.delays}")
-        if not isinstance(self.delays, tuple):
-            object.__setattr__(self, "delays", tuple(self.delays))
         if (self.depth is None) != (self.dep_q == 0):
             raise ValueError("depth must be None exactly when dep_q == 0")
         if self.temporal.norm not in NORMS:
