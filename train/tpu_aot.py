@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
         return subprocess.run([str(venv_python()), "-m", "train.tpu_aot", *argv], env=env, cwd=REPO).returncode
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # no TPU here: the host backend stays CPU, TPU is compile-only
+    # Compile-only use never touches a chip: let several such processes run at once (libtpu otherwise takes
+    # /tmp/libtpu_lockfile and a second process fails).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     result = compile_lm(args.config, args.overrides, args.topology, _parse_mesh(args.mesh), args.batch_size)
     print(format_summary(result), file=sys.stderr)
     text = json.dumps(result)
