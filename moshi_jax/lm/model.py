@@ -229,6 +229,22 @@ def forward(params, codes: Array, cfg: LMConfig) -> LMOutput:
     return LMModel(cfg).apply({"params": params}, codes)
 
 
+def logits_drift(params, codes: Array, cfg: LMConfig, dtype: str = "bfloat16") -> dict[str, float]:
+    """How far the forward logits move when params and compute are cast to `dtype` (norms with `_f32` and the
+    attention softmax stay float32): max |low - f32| / max |f32| over masked-True positions, per head."""
+    low_cfg = cfg.with_dtypes(dtype, dtype)
+    low = jax.tree.map(lambda x: x.astype(dtype), params)
+    fwd = jax.jit(forward, static_argnums=2)
+    ref, out = fwd(params, codes, cfg), fwd(low, codes, low_cfg)
+    res = {}
+    for name in ("text", "audio"):
+        mask = getattr(ref, f"{name}_mask")[..., None]
+        a = jnp.where(mask, getattr(ref, f"{name}_logits"), 0.0)
+        b = jnp.where(mask, getattr(out, f"{name}_logits"), 0.0)
+        res[name] = float(jnp.abs(a - b).max() / jnp.maximum(jnp.abs(a).max(), 1e-30))
+    return res
+
+
 def init_temporal_state(cfg: LMConfig, batch_size: int) -> TransformerState:
     """Fresh streaming state of the temporal transformer (KV rings of `temporal.context` steps)."""
     return init_state(cfg.temporal, batch_size)

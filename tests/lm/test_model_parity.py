@@ -11,7 +11,7 @@ import pytest
 from moshi_jax.lm import checkpoint as ck
 from moshi_jax.lm import delays as dl
 from moshi_jax.lm.config import LMConfig
-from moshi_jax.lm.model import LMModel, forward, init_depth_state, init_temporal_state
+from moshi_jax.lm.model import LMModel, forward, init_depth_state, init_temporal_state, logits_drift
 
 # The reference's own test model (moshi/tests/test_lm.py): layer_norm, plain gelu MLP, sin positions, low-rank
 # depformer embeddings, weights_per_step_schedule [0, 1, 1], delays [0, 1, 2, 4], context 4.
@@ -135,25 +135,10 @@ def test_depth_step_in_a_scan_with_traced_k_equals_teacher_forced_depth(case):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def bf16_drift(cfg: LMConfig, params_f32: dict, codes: jax.Array) -> dict[str, float]:
-    """Max |bf16 - f32| / max |f32| of the forward logits where masked True (bf16 weights and compute;
-    RMSNorm and softmax stay float32 inside the layers)."""
-    cfg16 = cfg.with_dtypes("bfloat16", "bfloat16")
-    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params_f32)
-    out32, out16 = jit_forward(params_f32, codes, cfg), jit_forward(params16, codes, cfg16)
-    assert out16.audio_logits.dtype == jnp.float32
-    res = {}
-    for name, mask in (("text", out32.text_mask), ("audio", out32.audio_mask)):
-        a = np.asarray(getattr(out32, f"{name}_logits"))[np.asarray(mask)]
-        b = np.asarray(getattr(out16, f"{name}_logits"))[np.asarray(mask)]
-        res[name] = float(np.abs(a - b).max() / np.abs(a).max())
-    return res
-
-
 def test_bf16_logits_stay_close_to_float32(case):
     cfg, _, params = case
     codes = jnp.asarray(random_codes(cfg, B=2, T=9), jnp.int32)
-    drift = bf16_drift(cfg, params, codes)
+    drift = logits_drift(params, codes, cfg, "bfloat16")
     print(f"bf16 vs f32 relative logit drift: {drift}")
     # bf16 has an 8-bit mantissa (rel. rounding 4e-3 per op); a few layers stay within a few percent.
     assert drift["text"] < 0.05 and drift["audio"] < 0.05, drift
