@@ -49,6 +49,7 @@ class ServerStats:
     frames_out: int = 0  # valid Moshi frames sent, summed over slots
     sessions_opened: int = 0
     sessions_closed: int = 0
+    max_batch: int = 0  # most clients served by one engine step
     step_seconds: list[float] = dataclasses.field(default_factory=list)  # wall time of each engine step (last N)
 
 
@@ -88,6 +89,8 @@ class ChatServer:
         if frame_period_s < 0:
             raise ValueError(f"frame_period_s must be >= 0, got {frame_period_s}")
         self.engine, self.params = engine, params
+        # the donating step reuses the state's buffers (no second copy of the KV caches per frame)
+        self._step_fn = getattr(engine, "step_donated", engine.step)
         self.max_sessions = max_sessions
         self.frame_period_s = frame_period_s
         self.frame_size = int(engine.mimi_cfg.frame_size)
@@ -112,8 +115,8 @@ class ChatServer:
         B = self.max_sessions
         state = self.engine.init_state(B)
         state = self.engine.reset(state, np.ones(B, bool))
-        state, out = self.engine.step(self.params, state, np.zeros((B, self.frame_size), np.float32),
-                                      np.zeros(B, bool))
+        state, out = self._step_fn(self.params, state, np.zeros((B, self.frame_size), np.float32),
+                                   np.zeros(B, bool))
         np.asarray(out.pcm)
         self._state = self.engine.reset(state, np.ones(B, bool))
         return time.perf_counter() - t0
@@ -126,9 +129,11 @@ class ChatServer:
         if not active.any():
             self._state = state
             return None
-        state, out = self.engine.step(self.params, state, pcm, active)
+        state, out = self._step_fn(self.params, state, pcm, active)
         self._state = state
-        return np.asarray(out.pcm), np.asarray(out.text_token), np.asarray(out.valid)
+        valid = np.asarray(out.valid)
+        audio_valid = np.asarray(getattr(out, "audio_valid", valid))
+        return np.asarray(out.pcm), np.asarray(out.text_token), valid, audio_valid
 
     async def _frame_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -147,7 +152,7 @@ class ChatServer:
                 t0 = time.perf_counter()
                 result = await loop.run_in_executor(self._executor, self._run_step, pcm, active, reset_mask)
                 if result is not None:
-                    self._record_step(time.perf_counter() - t0)
+                    self._record_step(time.perf_counter() - t0, int(active.sum()))
                     self._dispatch(sessions, active, *result)
             backlog = any(sess.decoder.frames_ready for sess in self._sessions.values() if not sess.closed)
             if backlog:
@@ -160,31 +165,31 @@ class ChatServer:
             except TimeoutError:
                 pass
 
-    def _record_step(self, seconds: float) -> None:
+    def _record_step(self, seconds: float, batch: int) -> None:
         self.stats.steps += 1
+        self.stats.max_batch = max(self.stats.max_batch, batch)
         self.stats.step_seconds.append(seconds)
         if len(self.stats.step_seconds) > self._step_history:
             del self.stats.step_seconds[: -self._step_history]
 
     def _dispatch(self, sessions: dict[int, _Session], active: np.ndarray, out_pcm: np.ndarray,
-                  text: np.ndarray, valid: np.ndarray) -> None:
+                  text: np.ndarray, valid: np.ndarray, audio_valid: np.ndarray) -> None:
         """Encode and queue each active client's output frame (+ text piece)."""
         for slot, sess in sessions.items():
             if not active[slot] or sess.closed:
                 continue
             sess.frames_in += 1
             self.stats.frames_in += 1
-            if not valid[slot]:
-                continue  # warm-up frames of a fresh conversation: nothing aligned to send yet
-            msgs = []
-            ogg = sess.encoder.encode(out_pcm[slot])
-            if ogg:
-                msgs.append(proto.encode_audio(ogg))
-            piece = self.engine.text_piece(int(text[slot]))
+            msgs = []  # nothing during the warm-up frames of a fresh conversation (nothing aligned yet)
+            if audio_valid[slot]:
+                ogg = sess.encoder.encode(out_pcm[slot])
+                if ogg:
+                    msgs.append(proto.encode_audio(ogg))
+                sess.frames_out += 1
+                self.stats.frames_out += 1
+            piece = self.engine.text_piece(int(text[slot])) if valid[slot] else None
             if piece:
                 msgs.append(proto.encode_text(piece))
-            sess.frames_out += 1
-            self.stats.frames_out += 1
             for m in msgs:
                 if not sess.send_nowait(m):
                     log.warning("slot %d: client does not read its messages; closing it", slot)
