@@ -362,6 +362,57 @@ def _add_data(sub) -> None:
     p.set_defaults(func=cmd_data)
 
 
+def _add_serve(sub) -> None:
+    """`moshi-jax serve`: the reference server's websocket protocol on /api/chat (moshi_jax.engine.server)."""
+
+    def cmd_serve(args: argparse.Namespace) -> None:
+        from moshi_jax.engine.engine import PRESETS, Engine, EngineConfig
+        from moshi_jax.engine.server import serve
+
+        if args.max_sessions < 1:
+            raise CLIError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+        if not 0 <= args.port <= 65535:
+            raise CLIError(f"--port must be in 0..65535, got {args.port}")
+        if args.preset not in PRESETS:
+            raise CLIError(f"--preset must be one of {PRESETS}, got {args.preset!r}")
+        try:
+            engine, params = Engine.load(args.weights_dir, preset=args.preset, seed=args.seed, dtype=args.dtype,
+                                         cfg=EngineConfig(pad_bias=args.pad_bias))
+        except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+            raise CLIError(f"cannot load the model: {e}") from e
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("listening on %s: the server has no authentication; anyone who can reach it can talk to "
+                        "the model", args.host)
+        serve(engine, params, host=args.host, port=args.port, max_sessions=args.max_sessions)
+
+    p = sub.add_parser(
+        "serve", help="websocket server speaking the reference Moshi protocol (several clients batched)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Full-duplex Moshi over websockets at ws://HOST:PORT/api/chat, with the reference server's "
+                    "protocol (binary messages: 0x00 handshake, 0x01 Ogg/Opus 24 kHz mono audio, 0x02 UTF-8 "
+                    "text), so the reference clients (python -m moshi.client, the web UI) can connect. Up to "
+                    "--max-sessions clients are served at once, batched into one engine step every 80 ms.",
+        epilog="examples:\n"
+               "  moshi-jax serve --weights-dir ~/models/moshiko-pytorch-bf16 --dtype bfloat16\n"
+               "  moshi-jax serve --preset tiny --max-sessions 2     # random tiny model (smoke test)\n"
+               "  python -m moshi.client --host 127.0.0.1 --port 8998  # the reference client")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    p.add_argument("--port", type=int, default=8998, help="TCP port (default 8998, as the reference)")
+    p.add_argument("--max-sessions", type=int, default=4,
+                   help="concurrent conversations = the engine's batch size (default 4); more clients are "
+                        "turned away with close code 1013")
+    p.add_argument("--weights-dir", default=None,
+                   help="a downloaded Kyutai Moshi repository (config.json, LM + Mimi safetensors, tokenizer); "
+                        "without it a seeded RANDOM model of --preset is used (loud warning)")
+    p.add_argument("--preset", default="tiny", help="random model size without --weights-dir: tiny (default), "
+                                                    "bench_111m, moshi_7b")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random model")
+    p.add_argument("--dtype", default=None, help="LM dtype, e.g. bfloat16 (default: the checkpoint's / float32)")
+    p.add_argument("--pad-bias", type=float, default=0.0,
+                   help="added to the text PAD log-prob (> 0: Moshi waits longer before speaking)")
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moshi-jax",
@@ -372,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_codec(sub)
     _add_train(sub)
     _add_data(sub)
+    _add_serve(sub)
     return parser
 
 

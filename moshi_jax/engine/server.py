@@ -28,6 +28,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import signal
 import time
 from typing import Any
 
@@ -345,9 +346,17 @@ def serve(engine: Any, params: Any, host: str = "127.0.0.1", port: int = 8998, m
     server = ChatServer(engine, params, max_sessions=max_sessions)
 
     async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # close the clients cleanly (1001) on kill / Ctrl-C
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # not on this platform / not the main thread
+                pass
         await server.start(host, port)
         try:
-            await asyncio.Event().wait()  # forever
+            await stop.wait()
+            log.info("stopping: closing %d client(s)", server.num_sessions)
         finally:
             await server.stop()
 
