@@ -33,6 +33,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -68,6 +69,11 @@ class TokenizeOptions:
     speakers: tuple[str, ...] | None = None
     records_per_shard: int = 1024
     progress: bool = True
+    # A RANDOM Mimi's codebooks are far from its latents, so it gives (nearly) one code per level whatever the
+    # audio. With this on, a random codec's codebooks are first fitted to this dataset's latent statistics
+    # (see `calibrate_codebooks`) so the codes carry information. Never applied to loaded weights.
+    calibrate_random: bool = True
+    calibration_seconds: float = 60.0
 
     def __post_init__(self):
         if self.on_error not in ON_ERROR:
@@ -301,6 +307,66 @@ class LaneEncoder:
                         on_done(f, out)
 
 
+# ----------------------------------------------------------------------------------------------- random codec
+
+
+def calibration_audio(entries: Sequence[Entry], sample_rate: int, seconds: float = 60.0,
+                      window: float = 10.0) -> np.ndarray | None:
+    """Up to `seconds` of the manifest's audio (every channel, in manifest order) as fixed windows
+    float32 [n, 1, window * sample_rate] (one compile); unreadable files are passed over (the tokenize
+    pass reports them). None when no audio could be read."""
+    from moshi_jax.audio import AudioError, load_audio
+
+    win = int(window * sample_rate)
+    budget = max(1, int(round(seconds / window)))
+    out: list[np.ndarray] = []
+    tail: list[np.ndarray] = []  # pieces shorter than a window, used only when nothing else is available
+    for e in entries:
+        try:
+            wav = load_audio(e.path, sample_rate, mono=False)
+        except AudioError:
+            continue
+        for ch in wav:
+            for i in range(0, ch.shape[0], win):
+                piece = ch[i:i + win]
+                (out if piece.shape[0] == win else tail).append(piece)
+        if len(out) >= budget:
+            break
+    if not out:
+        out = [np.pad(p, (0, win - p.shape[0])) for p in tail[:budget]]
+    return np.stack(out[:budget])[:, None].astype(np.float32) if out else None
+
+
+def calibrate_codebooks(codec, params: dict, audio: np.ndarray, seed: int = 0) -> dict:
+    """A random Mimi's params with codebooks fitted to its own latents on `audio` [n, 1, T].
+
+    For each RVQ level (semantic, then acoustic), on the residual that reaches it: centroids = residual mean +
+    per-dimension std * a random direction of norm sqrt(codebook_dim). Equal-norm random directions make the
+    nearest centroid a function of the input's direction (random-hyperplane hashing) instead of always the
+    smallest centroid; fitting each level to its residual keeps every level informative. Deterministic.
+    """
+    import jax.numpy as jnp
+
+    latent = np.asarray(codec.encode_to_latent(params, audio), np.float64)  # [n, D, F]
+    x = latent.transpose(0, 2, 1).reshape(-1, latent.shape[1])
+    rng = np.random.default_rng(seed)
+    quantizer = dict(params["quantizer"])
+    for name in ("semantic", "acoustic"):
+        rvq = dict(quantizer[name])
+        books = np.array(rvq["codebooks"], np.float64)  # [levels, bins, codebook_dim]
+        residual = x @ np.asarray(rvq["input_proj"], np.float64)
+        _, bins, cdim = books.shape
+        for level in range(books.shape[0]):
+            z = rng.standard_normal((bins, cdim))
+            z *= math.sqrt(cdim) / np.linalg.norm(z, axis=1, keepdims=True)
+            books[level] = residual.mean(0) + (residual.std(0) + 1e-6) * z
+            scores = np.sum(books[level] ** 2, axis=1)[None] - 2.0 * residual @ books[level].T
+            residual = residual - books[level][np.argmin(scores, axis=1)]
+        rvq["codebooks"] = jnp.asarray(books, jnp.float32)
+        quantizer[name] = rvq
+    return {**params, "quantizer": quantizer}
+
+
 # ----------------------------------------------------------------------------------------------- the job
 
 
@@ -377,6 +443,14 @@ def tokenize_dataset(manifest: str | Path, out_dir: str | Path, *, mimi_weights:
         cfg.check_num_codebooks(opts.num_codebooks)
     except ValueError as e:
         raise TokenizeError(f"--num-codebooks: {e}") from e
+    if mimi_desc.get("random") and opts.calibrate_random:
+        audio = calibration_audio(entries, cfg.sample_rate, opts.calibration_seconds)
+        if audio is not None:
+            params = calibrate_codebooks(codec, params, audio, mimi_desc.get("seed") or 0)
+            mimi_desc = dict(mimi_desc, calibrated_codebooks={"seconds": audio.shape[0] * audio.shape[-1] /
+                                                              cfg.sample_rate})
+            log.info("random Mimi: codebooks fitted to %.0f s of this dataset's latents (codes now depend on "
+                     "the audio)", audio.shape[0] * audio.shape[-1] / cfg.sample_rate)
     word_tokens, text_desc = None, {"path": None, "vocab_size": None}
     if tokenizer is not None:
         tok, text_desc = _load_tokenizer(tokenizer)

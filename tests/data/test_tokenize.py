@@ -92,6 +92,10 @@ def test_builtin_dataset_end_to_end_codes_text_and_reuse(tmp_path, tiny_mimi):
     tok = TextTokenizer.load(tmp_path / "tokenizer.model")
     assert tok.vocab_size <= 512  # fits LMConfig.tiny's text_card
     raw = tmp_path / "raw"
+    # a random codec's codebooks are fitted to the dataset first (else every frame gets the same code)
+    assert ds.index["config"]["mimi"]["calibrated_codebooks"]["seconds"] > 0
+    entries, _ = tokenize.read_manifest(raw / "manifest.jsonl")
+    params = tokenize.calibrate_codebooks(codec, params, tokenize.calibration_audio(entries, SR, 60.0), seed=0)
     words = 0
     for (codes, meta), rec in zip(ds, ds.records, strict=True):
         assert codes.shape == (1 + 2 * 8, 50) and rec["channels"] == 2 and rec["has_text"]
@@ -106,6 +110,8 @@ def test_builtin_dataset_end_to_end_codes_text_and_reuse(tmp_path, tiny_mimi):
         np.testing.assert_array_equal(codes[0], interleaver.text_stream(clean, 50, tok.encode))
         words += int(np.sum((codes[0] != 3) & (codes[0] != 0)))
     assert words > 3  # real words in the text streams (a 4 s dialogue may give the model no turn, not both)
+    all_codes = np.concatenate([c for c, _ in ds], axis=1)
+    assert min(len(np.unique(row)) for row in all_codes[1:]) > 4  # every codebook carries information
     text = TokenizedDataset.open(tmp_path / "text")
     assert text.kind == "text" and len(text) > 10
     first, _ = text.read(0)
@@ -181,7 +187,7 @@ def _bad_dataset(root: Path) -> tuple[Path, dict[str, str]]:
 def test_bad_files_are_reported_by_name_and_skipped(tmp_path, tiny_mimi, spm):
     manifest, bad = _bad_dataset(tmp_path / "raw")
     index = tokenize.tokenize_dataset(manifest, tmp_path / "tok", tokenizer=spm, mimi=tiny_mimi,
-                                      options=tokenize.TokenizeOptions(progress=False))
+                                      options=tokenize.TokenizeOptions(calibrate_random=False, progress=False))
     ds = TokenizedDataset.open(index.parent)
     assert sorted(r["path"] for r in ds.records) == ["good.wav", "no_alignment.wav"]
     skipped = {Path(s["path"]).name: s["reason"] for s in ds.index["skipped"]}
@@ -199,7 +205,7 @@ def test_bad_files_are_reported_by_name_and_skipped(tmp_path, tiny_mimi, spm):
 
 def test_on_error_fail_stops_at_the_first_bad_file_with_its_name_and_writes_no_index(tmp_path, tiny_mimi, spm):
     manifest, _ = _bad_dataset(tmp_path / "raw")
-    opts = tokenize.TokenizeOptions(on_error="fail", progress=False)
+    opts = tokenize.TokenizeOptions(on_error="fail", calibrate_random=False, progress=False)
     with pytest.raises(tokenize.TokenizeError, match=r"manifest.jsonl:13|missing\.wav"):
         tokenize.tokenize_dataset(manifest, tmp_path / "tok", tokenizer=spm, mimi=tiny_mimi, options=opts)
     # without the bad manifest line, the first bad file is named
@@ -217,14 +223,14 @@ def test_sample_rate_is_resampled_or_rejected_and_mono_is_allowed_on_request(tmp
              _write(root, "mono.wav", channels=1, words=GOOD_WORDS)]
     manifest = root / "m.jsonl"
     manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    opts = tokenize.TokenizeOptions(progress=False, resample=False, allow_mono=True)
+    opts = tokenize.TokenizeOptions(calibrate_random=False, progress=False, resample=False, allow_mono=True)
     ds = TokenizedDataset.open(tokenize.tokenize_dataset(manifest, tmp_path / "a", tokenizer=spm, mimi=tiny_mimi,
                                                          options=opts).parent)
     assert [r["path"] for r in ds.records] == ["mono.wav"]
     assert "sample rate 16000 Hz, expected 24000 Hz (resampling disabled)" in ds.index["skipped"][0]["reason"]
     mono, _ = ds.read(0)
     assert mono.shape == (1 + 8, 13) and ds.records[0]["channels"] == 1  # the model's streams only
-    opts = tokenize.TokenizeOptions(progress=False)  # defaults: resample, stereo required
+    opts = tokenize.TokenizeOptions(calibrate_random=False, progress=False)  # defaults: resample, stereo required
     ds = TokenizedDataset.open(tokenize.tokenize_dataset(manifest, tmp_path / "b", tokenizer=spm, mimi=tiny_mimi,
                                                          options=opts).parent)
     assert [r["path"] for r in ds.records] == ["rate16k.wav"]
