@@ -193,15 +193,43 @@ def test_7b_param_tree_has_the_released_parameter_count_and_maps_onto_the_refere
     assert shapes["out_norm.alpha"] == (1, 1, 4096) and shapes["depformer_emb.6.weight"] == (2049, 1024)
 
 
+LAYOUT_VARIANTS = {
+    "moshi_7b": MOSHI_7B_KWARGS,
+    "moshi_2b": LMConfig.moshi_2b().to_reference_kwargs(),
+    "test_lm": TEST_LM_KWARGS,
+    "text_card_out_layer_scale": {**TEST_LM_KWARGS, "text_card_out": 40, "layer_scale": 0.1,
+                                  "depformer_layer_scale": 0.2},
+    "shared_depformer_weights": {**MOSHI_SMALL_KWARGS, "depformer_multi_linear": False,
+                                 "depformer_weights_per_step": False},
+    "layer_norm_f32_silu": {**TEST_LM_KWARGS, "norm": "layer_norm_f32", "gating": "silu"},
+}
+
+
 @pytest.mark.parity
-def test_7b_key_list_and_shapes_equal_the_reference_model_built_on_the_meta_device():
+@pytest.mark.parametrize("name", sorted(LAYOUT_VARIANTS))
+def test_key_list_and_shapes_equal_the_reference_model_built_on_the_meta_device(name):
     import torch
     from moshi.models.lm import LMModel as RefLM
 
-    ref = RefLM(device="meta", dtype=torch.bfloat16, **MOSHI_7B_KWARGS)  # no memory allocated
+    kwargs = LAYOUT_VARIANTS[name]
+    cfg = LMConfig.from_reference_kwargs(kwargs)
+    ref = RefLM(device="meta", dtype=torch.bfloat16, **kwargs)  # no memory allocated (7B included)
     src = ck._Source(ref.state_dict())
     got = {k: src.shape(k) for k in src.keys()}
-    assert got == ck.reference_shapes(LMConfig.moshi_7b())
+    assert got == ck.reference_shapes(cfg)
+    if name != "moshi_7b":  # 7B: see the eval_shape test above
+        ck.check_layout(cfg)
+
+
+@pytest.mark.parity
+def test_depformer_with_shared_weights_and_one_input_projection_equals_reference():
+    kwargs = LAYOUT_VARIANTS["shared_depformer_weights"]
+    cfg = LMConfig.from_reference_kwargs(kwargs)
+    assert cfg.depth.weights_per_step == 0 and cfg.num_depformer_in == 1
+    ref = build_reference(kwargs, seed=11)
+    params = ck.load_reference(ref.state_dict(), cfg)
+    codes = random_codes(cfg, B=2, T=4, seed=5)
+    assert_outputs_match(reference_outputs(ref, codes), jit_forward(params, jnp.asarray(codes, jnp.int32), cfg))
 
 
 def test_2b_and_bench_presets_map_onto_their_reference_layouts():
