@@ -6,8 +6,8 @@ layout (or a `MimiModel.state_dict()`) strictly: a missing, unexpected or wrongl
 reference `MimiModel.load_state_dict` accepts.
 
 Layout conversions (PyTorch -> here): Conv1d weight `[out, in/g, k]` -> kernel `[k, in/g, out]`;
-ConvTranspose1d weight `[in, out/g, k]` -> `[k, in, out/g]`; Linear `[out, in]` -> `[in, out]`; the fused
-attention projection `[(3 H Dh), d]` -> `[d, 3, H, Dh]`; transformer layers are stacked on a leading axis;
+ConvTranspose1d weight `[in, out/g, k]` -> `[in, k, out/g]`; Linear `[out, in]` -> `[in, out]`; the fused
+attention projection `[(3 H Dh), d]` -> `[d, 3, H, Dh]`;
 codebook centroid = embedding_sum / clamp(cluster_usage, eps).
 """
 
@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
@@ -30,11 +31,10 @@ ParamPath = tuple[str, ...]
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-    """One reference tensor <-> one param (or one slice `index` of a stacked param)."""
+    """One reference tensor <-> one param."""
 
     key: str
     path: ParamPath
-    index: int | None
     to_jax: Callable[[np.ndarray], np.ndarray]
     to_ref: Callable[[np.ndarray], np.ndarray]
     aliases: tuple[str, ...] = ()  # other names the reference's load hooks accept for this tensor
@@ -45,18 +45,18 @@ def _ident(w: np.ndarray) -> np.ndarray:
 
 
 def _conv_entries(prefix: str, path: ParamPath, bias: bool = True) -> list[_Entry]:
-    out = [_Entry(f"{prefix}.weight", path + ("kernel",), None,
+    out = [_Entry(f"{prefix}.weight", path + ("kernel",),
                   lambda w: w.transpose(2, 1, 0), lambda k: k.transpose(2, 1, 0))]
     if bias:
-        out.append(_Entry(f"{prefix}.bias", path + ("bias",), None, _ident, _ident))
+        out.append(_Entry(f"{prefix}.bias", path + ("bias",), _ident, _ident))
     return out
 
 
 def _convtr_entries(prefix: str, path: ParamPath, bias: bool = True) -> list[_Entry]:
-    out = [_Entry(f"{prefix}.weight", path + ("kernel",), None,
-                  lambda w: w.transpose(2, 0, 1), lambda k: k.transpose(1, 2, 0))]
+    out = [_Entry(f"{prefix}.weight", path + ("kernel",),
+                  lambda w: w.transpose(0, 2, 1), lambda k: k.transpose(0, 2, 1))]
     if bias:
-        out.append(_Entry(f"{prefix}.bias", path + ("bias",), None, _ident, _ident))
+        out.append(_Entry(f"{prefix}.bias", path + ("bias",), _ident, _ident))
     return out
 
 
@@ -88,26 +88,26 @@ def _seanet_entries(cfg: MimiConfig, side: str) -> list[_Entry]:
 def _transformer_entries(cfg: MimiConfig, side: str) -> list[_Entry]:
     d, H = cfg.dimension, cfg.num_heads
     Dh = d // H
-    base = (f"{side}_transformer", "layers")
     out = []
     for i in range(cfg.num_layers):
+        base = (f"{side}_transformer", f"layer_{i}")
         p = f"{side}_transformer.transformer.layers.{i}"
         out += [
-            _Entry(f"{p}.self_attn.in_proj_weight", base + ("self_attn", "in_proj"), i,
+            _Entry(f"{p}.self_attn.in_proj_weight", base + ("self_attn", "in_proj"),
                    lambda w: w.reshape(3, H, Dh, d).transpose(3, 0, 1, 2),
                    lambda k: k.transpose(1, 2, 3, 0).reshape(3 * d, d),
                    aliases=(f"{p}.self_attn.in_projs.0.weight",)),
-            _Entry(f"{p}.self_attn.out_proj.weight", base + ("self_attn", "out_proj"), i,
+            _Entry(f"{p}.self_attn.out_proj.weight", base + ("self_attn", "out_proj"),
                    lambda w: w.T.reshape(H, Dh, d), lambda k: k.reshape(d, d).T,
                    aliases=(f"{p}.self_attn.out_projs.0.weight",)),
-            _Entry(f"{p}.linear1.weight", base + ("mlp", "linear1"), i, lambda w: w.T, lambda k: k.T),
-            _Entry(f"{p}.linear2.weight", base + ("mlp", "linear2"), i, lambda w: w.T, lambda k: k.T),
+            _Entry(f"{p}.linear1.weight", base + ("mlp", "linear1"), lambda w: w.T, lambda k: k.T),
+            _Entry(f"{p}.linear2.weight", base + ("mlp", "linear2"), lambda w: w.T, lambda k: k.T),
         ]
         for n in ("1", "2"):
             out += [
-                _Entry(f"{p}.norm{n}.weight", base + (f"norm{n}", "scale"), i, _ident, _ident),
-                _Entry(f"{p}.norm{n}.bias", base + (f"norm{n}", "bias"), i, _ident, _ident),
-                _Entry(f"{p}.layer_scale_{n}.scale", base + (f"layer_scale_{n}",), i, _ident, _ident),
+                _Entry(f"{p}.norm{n}.weight", base + (f"norm{n}", "scale"), _ident, _ident),
+                _Entry(f"{p}.norm{n}.bias", base + (f"norm{n}", "bias"), _ident, _ident),
+                _Entry(f"{p}.layer_scale_{n}.scale", base + (f"layer_scale_{n}",), _ident, _ident),
             ]
     return out
 
@@ -116,17 +116,17 @@ def _quantizer_proj_entries(cfg: MimiConfig) -> list[_Entry]:
     out = []
     for ref, ours in (("rvq_first", "semantic"), ("rvq_rest", "acoustic")):
         for proj in ("input_proj", "output_proj"):
-            out.append(_Entry(f"quantizer.{ref}.{proj}.weight", ("quantizer", ours, proj), None,
+            out.append(_Entry(f"quantizer.{ref}.{proj}.weight", ("quantizer", ours, proj),
                               lambda w: w[:, :, 0].T, lambda k: k.T[:, :, None]))
     return out
 
 
-def _codebook_levels(cfg: MimiConfig) -> list[tuple[str, ParamPath, int]]:
-    """(reference prefix, codebooks param path, level) for every RVQ level."""
+def _codebook_levels(cfg: MimiConfig) -> list[tuple[str, ParamPath]]:
+    """(reference prefix, codebook param path) for every RVQ level."""
     out = []
     for ref, ours, n in (("rvq_first", "semantic", cfg.n_q_semantic), ("rvq_rest", "acoustic", cfg.n_q_acoustic)):
         for lvl in range(n):
-            out.append((f"quantizer.{ref}.vq.layers.{lvl}._codebook", ("quantizer", ours, "codebooks"), lvl))
+            out.append((f"quantizer.{ref}.vq.layers.{lvl}._codebook", ("quantizer", ours, f"codebook_{lvl}")))
     return out
 
 
@@ -149,13 +149,12 @@ def _entries(cfg: MimiConfig) -> list[_Entry]:
 def _param_shapes(cfg: MimiConfig) -> dict[ParamPath, tuple[int, ...]]:
     from moshi_jax.mimi.model import MimiCodec
 
-    abstract = jax.eval_shape(MimiCodec(cfg).init, jax.random.PRNGKey(0))
+    abstract = nn.unbox(MimiCodec(cfg).param_axes())
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
 
 
 def _ref_shape(entry: _Entry, shapes: Mapping[ParamPath, tuple[int, ...]]) -> tuple[int, ...]:
-    shape = shapes[entry.path][1:] if entry.index is not None else shapes[entry.path]
-    return entry.to_ref(np.broadcast_to(np.float32(0), shape)).shape
+    return entry.to_ref(np.broadcast_to(np.float32(0), shapes[entry.path])).shape
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -216,20 +215,17 @@ def load_reference(source: str | Path | Mapping[str, Any], cfg: MimiConfig | Non
         value = fetch(e.key, e.aliases, _ref_shape(e, shapes))
         if value is None:
             continue
-        if e.index is None:
-            flat[e.path] = np.ascontiguousarray(e.to_jax(value))
-        else:
-            flat[e.path][e.index] = e.to_jax(value)
+        flat[e.path] = np.ascontiguousarray(e.to_jax(value))
 
     bins, cdim = cfg.bins, cfg.codebook_dim
-    for prefix, path, lvl in _codebook_levels(cfg):
+    for prefix, path in _codebook_levels(cfg):
         fetch(f"{prefix}._initialized", tuple(f"{prefix}.{a}" for a in _CODEBOOK_ALIASES["_initialized"]), (1,))
         usage = fetch(f"{prefix}.cluster_usage", tuple(f"{prefix}.{a}" for a in _CODEBOOK_ALIASES["cluster_usage"]),
                       (bins,))
         emb = fetch(f"{prefix}.embedding_sum", tuple(f"{prefix}.{a}" for a in _CODEBOOK_ALIASES["embedding_sum"]),
                     (bins, cdim))
         if usage is not None and emb is not None:
-            flat[path][lvl] = emb / np.maximum(usage, cfg.codebook_epsilon)[:, None]
+            flat[path] = emb / np.maximum(usage, cfg.codebook_epsilon)[:, None]
 
     unexpected = sorted(set(sd) - used)
     if missing or unexpected or misshaped:
@@ -250,12 +246,11 @@ def to_reference_state_dict(params: Params, cfg: MimiConfig | None = None) -> di
         raise ValueError(f"params do not match this Mimi config: {', '.join(wrong[:12])}")
     out: dict[str, np.ndarray] = {}
     for e in _entries(cfg):
-        value = flat[e.path] if e.index is None else flat[e.path][e.index]
-        out[e.key] = np.ascontiguousarray(e.to_ref(value), np.float32)
-    for prefix, path, lvl in _codebook_levels(cfg):
+        out[e.key] = np.ascontiguousarray(e.to_ref(flat[e.path]), np.float32)
+    for prefix, path in _codebook_levels(cfg):
         out[f"{prefix}._initialized"] = np.ones((1,), np.float32)
         out[f"{prefix}.cluster_usage"] = np.ones((cfg.bins,), np.float32)
-        out[f"{prefix}.embedding_sum"] = np.ascontiguousarray(flat[path][lvl], np.float32)
+        out[f"{prefix}.embedding_sum"] = np.ascontiguousarray(flat[path], np.float32)
     return out
 
 

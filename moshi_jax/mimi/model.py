@@ -30,12 +30,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from flax import struct, traverse_util
 
 from moshi_jax.mimi.config import MimiConfig
 from moshi_jax.mimi.quantizer import SplitRVQ
 from moshi_jax.mimi.seanet import SEANetDecoder, SEANetEncoder, init_decoder_state, init_encoder_state
-from moshi_jax.nn import transformer as tr
+from moshi_jax.mimi.transformer import StackState, UnrolledTransformer, init_stack_state
 from moshi_jax.nn.conv import (
     ConvState,
     ConvTransposeState,
@@ -54,10 +54,10 @@ class MimiState:
     """Whole streaming state of the codec for a batch of B independent streams."""
 
     encoder: dict  # SEANet encoder conv buffers
-    encoder_transformer: tr.TransformerState  # KV rings [L, B, context, H, Dh] + offsets [B]
+    encoder_transformer: StackState  # per-layer KV rings [B, context, H, Dh] + offsets [B]
     downsample: ConvState  # 25 -> 12.5 Hz conv buffer + first-call flag (replicate padding)
     upsample: ConvTransposeState  # 12.5 -> 25 Hz overlap-add tail
-    decoder_transformer: tr.TransformerState
+    decoder_transformer: StackState
     decoder: dict  # SEANet decoder conv buffers and overlap-add tails
     num_codebooks: int = struct.field(pytree_node=False, default=8)  # K produced by encode_step
 
@@ -75,12 +75,12 @@ class MimiModule(nn.Module):
         cfg = self.cfg
         D, S = cfg.dimension, cfg.resample_stride
         self.encoder = SEANetEncoder(cfg)
-        self.encoder_transformer = tr.Transformer(cfg.transformer)
+        self.encoder_transformer = UnrolledTransformer(cfg.transformer)
         self.downsample = StreamingConv1d(D, D, 2 * S, stride=S, use_bias=False, pad_mode="replicate")
         self.quantizer = SplitRVQ(cfg)
         # Depthwise: the reference's `upsample_channel_wise_bug=True`.
         self.upsample = StreamingConvTranspose1d(D, D, 2 * S, S, groups=D, use_bias=False)
-        self.decoder_transformer = tr.Transformer(cfg.transformer)
+        self.decoder_transformer = UnrolledTransformer(cfg.transformer)
         self.decoder = SEANetDecoder(cfg)
 
     def encode_latent(self, wav: Array, state: MimiState | None) -> tuple[Array, dict | None]:
@@ -120,10 +120,10 @@ def init_state(cfg: MimiConfig, batch_size: int, num_codebooks: int | None = Non
     D, S = cfg.dimension, cfg.resample_stride
     return MimiState(
         encoder=init_encoder_state(cfg, batch_size),
-        encoder_transformer=tr.init_state(cfg.transformer, batch_size),
+        encoder_transformer=init_stack_state(cfg.transformer, batch_size),
         downsample=init_conv_state(batch_size, D, 2 * S, S),
         upsample=init_conv_transpose_state(batch_size, D, 2 * S, S),
-        decoder_transformer=tr.init_state(cfg.transformer, batch_size),
+        decoder_transformer=init_stack_state(cfg.transformer, batch_size),
         decoder=init_decoder_state(cfg, batch_size),
         num_codebooks=k,
     )
@@ -141,106 +141,83 @@ def reset_state(state: MimiState, mask: Array) -> MimiState:
             return ConvState(previous=where(mask, 0, node.previous), first=where(mask, True, node.first))
         if isinstance(node, ConvTransposeState):
             return ConvTransposeState(partial=where(mask, 0, node.partial))
-        if isinstance(node, tr.TransformerState):
+        if isinstance(node, StackState):
             # Empty slots are the ones with position -1; stale keys/values are then never attended to.
-            layers = node.layers.replace(positions=where(mask[None], -1, node.layers.positions))
-            return tr.TransformerState(offset=where(mask, 0, node.offset), layers=layers)
+            layers = tuple(c.replace(positions=where(mask, -1, c.positions)) for c in node.layers)
+            return StackState(offset=where(mask, 0, node.offset), layers=layers)
         return node
 
-    leaf = (ConvState, ConvTransposeState, tr.TransformerState)
+    leaf = (ConvState, ConvTransposeState, StackState)
     return jax.tree.map(reset, state, is_leaf=lambda n: isinstance(n, leaf))
 
 
-class MimiCodec:
-    """Mimi as pure, jitted functions of `(params, [state,] inputs)`. See the module docstring."""
+def host_init(cfg: MimiConfig, key: Array) -> Params:
+    """Random Mimi params drawn with numpy, leaf by leaf, from the same distributions as the modules'
+    initializers: PyTorch's default uniform(+-1/sqrt(fan_in)) for convs (bias with its kernel's bound) and
+    quantizer projections, truncated normal (+-3 std, std 1/sqrt(fan_in)) for transformer weights, ones /
+    zeros for LayerNorm, `layer_scale` for LayerScale, N(0, 1) codebooks. Deterministic in `key`.
+    A parameter without a rule is an error, so new modules cannot be silently mis-initialised."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    rng = np.random.default_rng(np.asarray(key).astype(np.uint64).ravel().tolist())
+    flat = traverse_util.flatten_dict(_abstract_params(cfg))
 
-    def __init__(self, cfg: MimiConfig | None = None):
-        self.cfg = cfg or MimiConfig()
-        self.module = MimiModule(self.cfg)
-        # One jitted function per entry point; K and shapes are the only compile keys.
-        self._jit_encode = jax.jit(self._encode_impl, static_argnames=("k", "quantize"))
-        self._jit_decode = jax.jit(self._decode_impl)
-        self._jit_decode_latent = jax.jit(self._dequantize_impl)
-        self._jit_encode_step = jax.jit(self._encode_frame)
-        self._jit_decode_step = jax.jit(self._decode_frame)
-        self._jit_encode_chunk = jax.jit(self._encode_chunk_impl)
-        self._jit_decode_chunk = jax.jit(self._decode_chunk_impl)
-        self._jit_reset = jax.jit(reset_state)
+    def conv_bound(path: tuple[str, ...]) -> float:
+        kernel = flat[path[:-1] + ("kernel",)]
+        shape, axes = kernel.value.shape, kernel.names
+        fan_in = shape[0] * shape[1] if axes[0] == "conv_kernel" else shape[1] * shape[2]  # conv / convtr
+        return 1.0 / np.sqrt(fan_in)
 
-    # ------------------------------------------------------------------ params
-    def init_boxed(self, key: Array) -> Params:
-        """Parameters with their logical axis names (`nn.LogicallyPartitioned` leaves)."""
-        wav = jnp.zeros((1, self.cfg.frame_size, 1), jnp.float32)
-        return jax.jit(self.module.init)(key, wav)["params"]
+    def truncnorm(shape: tuple[int, ...], std: float) -> np.ndarray:
+        x = rng.standard_normal(shape)
+        bad = np.abs(x) > 3.0
+        while bad.any():
+            x[bad] = rng.standard_normal(int(bad.sum()))
+            bad = np.abs(x) > 3.0
+        return x * std
 
-    def init(self, key: Array) -> Params:
-        """Randomly initialised parameters (plain arrays)."""
-        return nn.unbox(self.init_boxed(key))
+    out = {}
+    for path in sorted(flat):
+        shape, name, parent = flat[path].value.shape, path[-1], path[-2]
+        if name in ("kernel", "bias") and (path[:-1] + ("kernel",)) in flat:
+            b = conv_bound(path)
+            value = rng.uniform(-b, b, shape)
+        elif name == "in_proj":  # [d, 3, H, Dh]
+            value = truncnorm(shape, 1.0 / np.sqrt(shape[0]))
+        elif name == "out_proj" and parent == "self_attn":  # [H, Dh, d]
+            value = truncnorm(shape, 1.0 / np.sqrt(shape[0] * shape[1]))
+        elif name in ("linear1", "linear2"):  # [in, out]
+            value = truncnorm(shape, 1.0 / np.sqrt(shape[0]))
+        elif parent.startswith("norm") and name in ("scale", "bias"):
+            value = np.full(shape, 1.0 if name == "scale" else 0.0)
+        elif name.startswith("layer_scale_"):
+            value = np.full(shape, cfg.layer_scale)
+        elif name in ("input_proj", "output_proj"):
+            value = rng.uniform(-1.0 / np.sqrt(shape[0]), 1.0 / np.sqrt(shape[0]), shape)
+        elif name.startswith("codebook_"):
+            value = rng.standard_normal(shape)
+        else:
+            raise ValueError(f"host_init: no initialisation rule for parameter {'/'.join(path)}")
+        out[path] = jnp.asarray(value, jnp.float32)
+    return traverse_util.unflatten_dict(out)
 
-    # ------------------------------------------------------------------ one-shot
-    def encode(self, params: Params, wav, num_codebooks: int | None = None) -> Array:
-        """wav `[B, 1, T]` float -> codes `[B, K, ceil(T / frame_size)]` int32 (zero right-padding)."""
-        k = self.cfg.check_num_codebooks(num_codebooks)
-        return self._jit_encode(params, self._check_wav(wav, any_length=True), k=k, quantize=True)
 
-    def encode_to_latent(self, params: Params, wav) -> Array:
-        """wav `[B, 1, T]` -> unquantized latent `[B, dimension, ceil(T / frame_size)]` (12.5 Hz)."""
-        return self._jit_encode(params, self._check_wav(wav, any_length=True), k=self.cfg.num_codebooks,
-                                quantize=False)
+class _Kernels:
+    """The jitted entry points for one config. Cached per config (`_kernels`), so every `MimiCodec(cfg)`
+    with an equal config shares one compilation cache."""
 
-    def decode(self, params: Params, codes) -> Array:
-        """codes `[B, K, F]` (1 <= K <= n_q) -> wav `[B, 1, F * frame_size]` float32."""
-        return self._jit_decode(params, self._check_codes(codes))
-
-    def decode_latent(self, params: Params, codes) -> Array:
-        """codes `[B, K, F]` -> quantized latent `[B, dimension, F]` (RVQ decode only)."""
-        return self._jit_decode_latent(params, self._check_codes(codes))
-
-    # ------------------------------------------------------------------ streaming
-    def init_state(self, batch_size: int, num_codebooks: int | None = None) -> MimiState:
-        return init_state(self.cfg, batch_size, num_codebooks)
-
-    def reset(self, state: MimiState, mask) -> MimiState:
-        """Reset the streams where `mask` `[B]` is True (e.g. a new call on a server slot)."""
-        mask = jnp.asarray(mask, jnp.bool_)
-        if mask.shape != (state.batch_size,):
-            raise ValueError(f"reset mask must have shape ({state.batch_size},), got {mask.shape}")
-        return self._jit_reset(state, mask)
-
-    def encode_step(self, params: Params, state: MimiState, frame) -> tuple[MimiState, Array]:
-        """One 80 ms frame `[B, 1, frame_size]` -> (state, codes `[B, K, 1]`), K = state.num_codebooks."""
-        frame = self._check_wav(frame, batch=state.batch_size, frames=1)
-        return self._jit_encode_step(params, state, frame)
-
-    def decode_step(self, params: Params, state: MimiState, codes) -> tuple[MimiState, Array]:
-        """codes `[B, K, 1]` -> (state, audio `[B, 1, frame_size]`)."""
-        codes = self._check_codes(codes, batch=state.batch_size, frames=1, check_range=False)
-        return self._jit_decode_step(params, state, codes)
-
-    def encode_chunk(self, params: Params, state: MimiState, wav) -> tuple[MimiState, Array]:
-        """wav `[B, 1, n * frame_size]` -> (state, codes `[B, K, n]`): `lax.scan` of `encode_step`."""
-        wav = self._check_wav(wav, batch=state.batch_size)
-        return self._jit_encode_chunk(params, state, wav)
-
-    def decode_chunk(self, params: Params, state: MimiState, codes) -> tuple[MimiState, Array]:
-        """codes `[B, K, n]` -> (state, wav `[B, 1, n * frame_size]`): `lax.scan` of `decode_step`."""
-        codes = self._check_codes(codes, batch=state.batch_size, check_range=False)
-        return self._jit_decode_chunk(params, state, codes)
-
-    def encode_stream(self, params: Params, wav, num_codebooks: int | None = None) -> Array:
-        """Streaming encode of a whole signal from a fresh state (zero right-padding to whole frames):
-        wav `[B, 1, T]` -> codes `[B, K, ceil(T / frame_size)]`, equal to feeding `encode_step` frame
-        by frame."""
-        wav = self._check_wav(wav, any_length=True)
-        wav = _pad_to_frames(wav, self.cfg.frame_size)
-        state = self.init_state(wav.shape[0], num_codebooks)
-        return self._jit_encode_chunk(params, state, wav)[1]
-
-    def decode_stream(self, params: Params, codes) -> Array:
-        """Streaming decode of codes `[B, K, F]` from a fresh state -> wav `[B, 1, F * frame_size]`."""
-        codes = self._check_codes(codes)
-        state = self.init_state(codes.shape[0], codes.shape[1])
-        return self._jit_decode_chunk(params, state, codes)[1]
+    def __init__(self, cfg: MimiConfig):
+        self.cfg = cfg
+        self.module = MimiModule(cfg)
+        # K (and shapes) are the only compile keys.
+        self.encode = jax.jit(self._encode_impl, static_argnames=("k", "quantize"))
+        self.decode = jax.jit(self._decode_impl)
+        self.decode_latent = jax.jit(self._dequantize_impl)
+        self.encode_step = jax.jit(self._encode_frame)
+        self.decode_step = jax.jit(self._decode_frame)
+        self.encode_chunk = jax.jit(self._encode_chunk_impl)
+        self.decode_chunk = jax.jit(self._decode_chunk_impl)
+        self.reset = jax.jit(reset_state)
 
     # ------------------------------------------------------------------ implementations (traced)
     def _apply(self, params: Params, *args, method):
@@ -285,6 +262,97 @@ class MimiCodec:
         state, wav = jax.lax.scan(functools.partial(self._decode_frame, params), state, steps)
         return state, wav[:, :, 0].transpose(1, 0, 2).reshape(B, 1, -1)  # [n, B, fs] -> [B, 1, n * fs]
 
+
+class MimiCodec:
+    """Mimi as pure, jitted functions of `(params, [state,] inputs)`. See the module docstring."""
+
+    def __init__(self, cfg: MimiConfig | None = None):
+        self.cfg = cfg or MimiConfig()
+        self._k = _kernels(self.cfg)
+        self.module = self._k.module
+
+    # ------------------------------------------------------------------ params
+    def init_boxed(self, key: Array) -> Params:
+        """Parameters with their logical axis names (`nn.LogicallyPartitioned` leaves), from the modules'
+        own initializers. Traceable (e.g. under `jax.jit(..., out_shardings=...)` for a sharded init), but
+        slow to compile on CPU (one threefry per parameter)."""
+        wav = jnp.zeros((1, self.cfg.frame_size, 1), jnp.float32)
+        return self.module.init(key, wav)["params"]
+
+    def init(self, key: Array) -> Params:
+        """Random parameters (plain arrays) drawn on the host with the modules' initializer distributions
+        (see `host_init`): instant, where the traced init compiles for about a minute on two CPU cores."""
+        return host_init(self.cfg, key)
+
+    def param_axes(self) -> Params:
+        """Abstract params (`nn.LogicallyPartitioned` of ShapeDtypeStruct): shapes and logical axis names."""
+        return _abstract_params(self.cfg)
+
+    # ------------------------------------------------------------------ one-shot
+    def encode(self, params: Params, wav, num_codebooks: int | None = None) -> Array:
+        """wav `[B, 1, T]` float -> codes `[B, K, ceil(T / frame_size)]` int32 (zero right-padding)."""
+        k = self.cfg.check_num_codebooks(num_codebooks)
+        return self._k.encode(params, self._check_wav(wav, any_length=True), k=k, quantize=True)
+
+    def encode_to_latent(self, params: Params, wav) -> Array:
+        """wav `[B, 1, T]` -> unquantized latent `[B, dimension, ceil(T / frame_size)]` (12.5 Hz)."""
+        return self._k.encode(params, self._check_wav(wav, any_length=True), k=self.cfg.num_codebooks,
+                                quantize=False)
+
+    def decode(self, params: Params, codes) -> Array:
+        """codes `[B, K, F]` (1 <= K <= n_q) -> wav `[B, 1, F * frame_size]` float32."""
+        return self._k.decode(params, self._check_codes(codes))
+
+    def decode_latent(self, params: Params, codes) -> Array:
+        """codes `[B, K, F]` -> quantized latent `[B, dimension, F]` (RVQ decode only)."""
+        return self._k.decode_latent(params, self._check_codes(codes))
+
+    # ------------------------------------------------------------------ streaming
+    def init_state(self, batch_size: int, num_codebooks: int | None = None) -> MimiState:
+        return init_state(self.cfg, batch_size, num_codebooks)
+
+    def reset(self, state: MimiState, mask) -> MimiState:
+        """Reset the streams where `mask` `[B]` is True (e.g. a new call on a server slot)."""
+        mask = jnp.asarray(mask, jnp.bool_)
+        if mask.shape != (state.batch_size,):
+            raise ValueError(f"reset mask must have shape ({state.batch_size},), got {mask.shape}")
+        return self._k.reset(state, mask)
+
+    def encode_step(self, params: Params, state: MimiState, frame) -> tuple[MimiState, Array]:
+        """One 80 ms frame `[B, 1, frame_size]` -> (state, codes `[B, K, 1]`), K = state.num_codebooks."""
+        frame = self._check_wav(frame, batch=state.batch_size, frames=1)
+        return self._k.encode_step(params, state, frame)
+
+    def decode_step(self, params: Params, state: MimiState, codes) -> tuple[MimiState, Array]:
+        """codes `[B, K, 1]` -> (state, audio `[B, 1, frame_size]`)."""
+        codes = self._check_codes(codes, batch=state.batch_size, frames=1, check_range=False)
+        return self._k.decode_step(params, state, codes)
+
+    def encode_chunk(self, params: Params, state: MimiState, wav) -> tuple[MimiState, Array]:
+        """wav `[B, 1, n * frame_size]` -> (state, codes `[B, K, n]`): `lax.scan` of `encode_step`."""
+        wav = self._check_wav(wav, batch=state.batch_size)
+        return self._k.encode_chunk(params, state, wav)
+
+    def decode_chunk(self, params: Params, state: MimiState, codes) -> tuple[MimiState, Array]:
+        """codes `[B, K, n]` -> (state, wav `[B, 1, n * frame_size]`): `lax.scan` of `decode_step`."""
+        codes = self._check_codes(codes, batch=state.batch_size, check_range=False)
+        return self._k.decode_chunk(params, state, codes)
+
+    def encode_stream(self, params: Params, wav, num_codebooks: int | None = None) -> Array:
+        """Streaming encode of a whole signal from a fresh state (zero right-padding to whole frames):
+        wav `[B, 1, T]` -> codes `[B, K, ceil(T / frame_size)]`, equal to feeding `encode_step` frame
+        by frame."""
+        wav = self._check_wav(wav, any_length=True)
+        wav = _pad_to_frames(wav, self.cfg.frame_size)
+        state = self.init_state(wav.shape[0], num_codebooks)
+        return self._k.encode_chunk(params, state, wav)[1]
+
+    def decode_stream(self, params: Params, codes) -> Array:
+        """Streaming decode of codes `[B, K, F]` from a fresh state -> wav `[B, 1, F * frame_size]`."""
+        codes = self._check_codes(codes)
+        state = self.init_state(codes.shape[0], codes.shape[1])
+        return self._k.decode_chunk(params, state, codes)[1]
+
     # ------------------------------------------------------------------ input checks (host side)
     def _check_wav(self, wav, batch: int | None = None, frames: int | None = None, any_length: bool = False):
         if not isinstance(wav, jax.Array):
@@ -327,6 +395,18 @@ class MimiCodec:
             if lo < 0 or hi >= self.cfg.bins:
                 raise ValueError(f"code values must be in [0, {self.cfg.bins - 1}], found range [{lo}, {hi}]")
         return jnp.asarray(codes, jnp.int32)
+
+
+
+@functools.lru_cache(maxsize=16)
+def _kernels(cfg: MimiConfig) -> _Kernels:
+    return _Kernels(cfg)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_params(cfg: MimiConfig) -> Params:
+    wav = jax.ShapeDtypeStruct((1, cfg.frame_size, 1), jnp.float32)
+    return jax.eval_shape(MimiModule(cfg).init, jax.random.PRNGKey(0), wav)["params"]
 
 
 def _pad_to_frames(wav, frame_size: int):

@@ -6,7 +6,7 @@ quantize the semantic residual. Decoding sums each RVQ's centroids in codebook s
 with its output projection, and adds the two. Codes for K levels are the first K of
 [semantic levels, acoustic levels].
 
-Codebooks are stored as centroids `[levels, bins, codebook_dim]` (the reference's
+Codebooks are stored as centroids, one `[bins, codebook_dim]` array per level (the reference's
 `embedding_sum / clamp(cluster_usage, eps)`, computed at import).
 """
 
@@ -57,30 +57,35 @@ class ResidualVQ(nn.Module):
         self.output_proj = self.param(
             "output_proj", nn.with_logical_partitioning(_uniform(self.codebook_dim), ("codebook_dim", "embed")),
             (self.codebook_dim, self.dim), jnp.float32)
-        self.codebooks = self.param(
-            "codebooks",
-            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("codebook_level", "codebook", "codebook_dim")),
-            (self.levels, self.bins, self.codebook_dim), jnp.float32)
+        # One array per level (not one stacked array): a streaming step reads each used codebook once, in
+        # place; slicing a stacked array inside the jitted step would copy it first.
+        self.codebooks = [
+            self.param(f"codebook_{i}", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                                      ("codebook", "codebook_dim")),
+                       (self.bins, self.codebook_dim), jnp.float32)
+            for i in range(self.levels)
+        ]
 
     def encode(self, x: Array, n: int) -> Array:
         if not 1 <= n <= self.levels:
             raise ValueError(f"{self.name}: {n} levels requested, this RVQ has {self.levels}")
         B, T, _ = x.shape
         residual = (x @ self.input_proj).reshape(B * T, self.codebook_dim)
-
-        def level(res: Array, codebook: Array) -> tuple[Array, Array]:
-            idx = nearest_code(res, codebook)
-            return res - codebook[idx], idx
-
-        _, codes = jax.lax.scan(level, residual, self.codebooks[:n])  # [n, B*T]
-        return codes.T.reshape(B, T, n)
+        codes = []
+        for codebook in self.codebooks[:n]:
+            idx = nearest_code(residual, codebook)
+            residual = residual - codebook[idx]
+            codes.append(idx)
+        return jnp.stack(codes, axis=-1).reshape(B, T, n)
 
     def decode(self, codes: Array) -> Array:
         n = codes.shape[-1]
         if not 1 <= n <= self.levels:
             raise ValueError(f"{self.name}: codes have {n} levels, this RVQ has {self.levels}")
-        q = self.codebooks[jnp.arange(n), codes]  # [B, T, n, codebook_dim]
-        return jnp.sum(q, axis=2) @ self.output_proj
+        q = self.codebooks[0][codes[..., 0]]
+        for i in range(1, n):  # summed level by level, in the reference's order
+            q = q + self.codebooks[i][codes[..., i]]
+        return q @ self.output_proj
 
     def __call__(self, x: Array) -> Array:
         """Quantize and dequantize with all levels (used to create the parameters)."""

@@ -123,7 +123,10 @@ class StreamingConvTranspose1d(nn.Module):
     overlap-add tail for the next call (streaming) or dropped (one-shot), as in the reference.
 
     Computed as one matmul (per group) plus a shifted sum over `ceil(K / S)` frames, which avoids the
-    zero-stuffed (lhs-dilated) convolution XLA would otherwise run.
+    zero-stuffed (lhs-dilated) convolution XLA would otherwise run. The kernel is stored
+    `[C_in, K, C_out / G]` (the reference's `[C_in, C_out / G, K]` with the last two axes swapped) so
+    that for G = 1 the matmul reads it in place as `[C_in, K * C_out]`: with few input frames (streaming)
+    the layer is bound by reading its weights, and any per-call re-layout of a large kernel dominated.
     """
 
     in_channels: int
@@ -147,17 +150,21 @@ class StreamingConvTranspose1d(nn.Module):
             raise ValueError(f"{self.name}: kernel {K} shorter than stride {S}")
         fan_in = self.out_channels // G * K  # PyTorch computes ConvTranspose fan-in from weight dim 1
         bound = 1.0 / math.sqrt(fan_in)
-        # [K, C_in, C_out / G]: the group of an input channel is c // (C_in / G).
+        # [C_in, K, C_out / G]: the group of an input channel is c // (C_in / G).
         kernel = self.param(
             "kernel",
-            nn.with_logical_partitioning(_uniform(bound), ("conv_kernel", "conv_in", "conv_out")),
-            (K, self.in_channels, self.out_channels // G),
+            nn.with_logical_partitioning(_uniform(bound), ("conv_in", "conv_kernel", "conv_out")),
+            (self.in_channels, K, self.out_channels // G),
             self.param_dtype,
         ).astype(self.dtype)
         cin_g, cout_g = self.in_channels // G, self.out_channels // G
-        xg = x.reshape(B, T, G, cin_g)
-        kg = kernel.reshape(K, G, cin_g, cout_g)
-        z = jnp.einsum("btgi,kgio->btkgo", xg, kg).reshape(B, T, K, self.out_channels)
+        if G == 1:
+            z = (x.reshape(B * T, C) @ kernel.reshape(C, K * cout_g)).reshape(B, T, K, self.out_channels)
+        elif cin_g == 1 and cout_g == 1:  # depthwise: a broadcast product, no contraction
+            z = x[:, :, None, :] * kernel[:, :, 0].T
+        else:
+            kg = kernel.reshape(G, cin_g, K, cout_g)
+            z = jnp.einsum("btgi,giko->btkgo", x.reshape(B, T, G, cin_g), kg).reshape(B, T, K, self.out_channels)
         # Overlap-add: output frame (t + j) of length S receives z[:, t, j*S:(j+1)*S].
         n = -(-K // S)
         z = jnp.pad(z, ((0, 0), (0, 0), (0, n * S - K), (0, 0))).reshape(B, T, n, S, self.out_channels)
