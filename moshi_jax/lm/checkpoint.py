@@ -278,16 +278,29 @@ def _check_keys(layout: list[Entry], src: _Source) -> None:
 # ---------------------------------------------------------------------------------------------------- import
 
 
-def load_reference(src: str | Path | Mapping[str, Any], cfg: LMConfig, dtype: Any = None) -> dict:
+def load_reference(src: str | Path | Mapping[str, Any], cfg: LMConfig, dtype: Any = None,
+                   shardings: Any = None) -> dict:
     """Reference checkpoint (a `.safetensors` path, or a state dict of numpy / torch tensors, released or
     live-module key names) -> JAX params (plain nested dict of jax arrays, unboxed), strictly: any missing,
     unexpected or misshaped key raises ValueError naming it. bf16 and float32 inputs are accepted; params are
-    cast to `dtype` (default: the config's param dtype)."""
+    cast to `dtype` (default: the config's param dtype).
+
+    `shardings`: a `jax.sharding.Sharding` for every param, or a tree of them shaped like the params; each
+    param is placed with its sharding as soon as it is converted, so a 7B checkpoint never sits whole on one
+    device (host memory peaks at about one stacked param)."""
     dtype = jnp.dtype(cfg.param_dtype if dtype is None else dtype)
     layout = reference_layout(cfg)
     src_ = _Source(src)
     _check_keys(layout, src_)
     abstract = traverse_util.flatten_dict(abstract_params(cfg))
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        place = {p: shardings for p in abstract}
+    else:
+        place = traverse_util.flatten_dict(shardings)
+        if set(place) != set(abstract):
+            raise ValueError(f"shardings tree does not match the params: missing "
+                             f"{sorted('/'.join(p) for p in set(abstract) - set(place))[:5]}, unexpected "
+                             f"{sorted('/'.join(p) for p in set(place) - set(abstract))[:5]}")
     by_path: dict[PathT, list[Entry]] = {}
     for e in layout:
         by_path.setdefault(e.path, []).append(e)
@@ -302,7 +315,7 @@ def load_reference(src: str | Path | Mapping[str, Any], cfg: LMConfig, dtype: An
                 buf = val
             else:
                 buf[e.index] = val
-        flat[path] = jnp.asarray(buf, dtype)
+        flat[path] = jnp.asarray(buf, dtype) if place[path] is None else jax.device_put(buf, place[path])
         del buf
     missing = set(abstract) - set(flat)
     if missing:  # cannot happen when check_layout passes; kept as a guard against a partial tree
@@ -372,12 +385,13 @@ def read_repo(repo_dir: str | Path) -> RepoInfo:
     )
 
 
-def load_pretrained(repo_dir: str | Path, dtype: Any = None) -> tuple[LMConfig, dict]:
+def load_pretrained(repo_dir: str | Path, dtype: Any = None, shardings: Any = None) -> tuple[LMConfig, dict]:
     """Config and params of a downloaded Kyutai repository directory (config.json + model.safetensors).
-    `dtype` sets both param and compute dtype (e.g. "bfloat16" for real use); default float32."""
+    `dtype` sets both param and compute dtype (e.g. "bfloat16" for real use); default float32. `shardings`:
+    see `load_reference`."""
     info = read_repo(repo_dir)
     cfg = info.cfg if dtype is None else info.cfg.with_dtypes(str(jnp.dtype(dtype)), str(jnp.dtype(dtype)))
-    params = load_reference(info.moshi_weights, cfg)
+    params = load_reference(info.moshi_weights, cfg, shardings=shardings)
     if info.model_type == "hibiki":  # reference get_moshi: EOS (2) embeds like PAD (3) so early EOS is ignored
         params["text_emb"] = params["text_emb"].at[2].set(params["text_emb"][3])
     return cfg, params

@@ -22,6 +22,7 @@ from test_model_parity import (
 
 from moshi_jax.lm import checkpoint as ck
 from moshi_jax.lm.config import MOSHI_7B_KWARGS, LMConfig
+from moshi_jax.lm.model import LMModel
 
 CONFIGS = {"moshi_small": MOSHI_SMALL_KWARGS, "test_lm": TEST_LM_KWARGS}
 
@@ -142,6 +143,30 @@ def test_checkpoint_of_another_config_is_rejected_with_all_problems_listed():
     cfg = LMConfig.from_reference_kwargs({**TEST_LM_KWARGS, "num_layers": 1})
     with pytest.raises(ValueError, match=r"unexpected keys \(\d+\): .*; transformer\.layers\.1\."):
         ck.load_reference(_numpy_sd(TEST_LM_KWARGS), cfg)
+
+
+@pytest.mark.parity
+def test_import_places_each_param_with_the_given_logical_sharding():
+    import flax.linen as nn
+    from jax.sharding import Mesh, NamedSharding
+
+    cfg = LMConfig.from_reference_kwargs(MOSHI_SMALL_KWARGS)
+    sd = _numpy_sd(MOSHI_SMALL_KWARGS, seed=3)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("fsdp", "tensor"))
+    rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"))
+    boxed = jax.eval_shape(lambda k: LMModel(cfg).init(k, jnp.zeros((1, cfg.num_streams, 2), jnp.int32)),
+                           jax.random.PRNGKey(0))["params"]
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    params = ck.load_reference(sd, cfg, shardings=shardings)
+    plain = ck.load_reference(sd, cfg)
+    in_proj = params["transformer"]["layers"]["self_attn"]["in_proj"]  # [layers, embed, qkv, heads, head_dim]
+    assert in_proj.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None)
+    assert len({s.device for s in in_proj.addressable_shards}) == 8
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, plain)
+    with pytest.raises(ValueError, match="shardings tree does not match"):
+        ck.load_reference(sd, cfg, shardings={"emb": shardings["emb"]})
 
 
 def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
