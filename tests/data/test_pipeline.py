@@ -260,6 +260,17 @@ def test_hosts_get_disjoint_shards_that_cover_the_data(tmp_path):
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(10))
 
 
+def test_training_hosts_draw_from_disjoint_shards(tmp_path):
+    src = write_source(tmp_path / "a", [8] * 10)
+    cfg = data_cfg([(src, 1.0)], seq_frames=8, batch_size=2)
+    seen = []
+    for pi in range(2):
+        it = iter(pipeline.make_dataset(cfg, LM, train=True, process_index=pi, process_count=2))
+        rows = np.concatenate([next(it)["codes"] for _ in range(5)])  # one epoch of this host's 5 windows
+        seen.append({int(r[1, 0] % LM.card) // 3 for r in rows})
+    assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(10))
+
+
 def test_worker_processes_yield_the_same_batches_as_in_process_loading(two_sources):
     a, b = two_sources
     cfg = data_cfg([(a, 1.0), (b, 1.0)])
