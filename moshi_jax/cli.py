@@ -413,6 +413,187 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _add_engine(sub) -> None:
+    """`moshi-jax chat / asr / tts`: the streaming engine over files, frame by frame (moshi_jax.engine)."""
+
+    def load(args: argparse.Namespace, mode: str, delay: int = 0):
+        import dataclasses
+
+        from moshi_jax.engine.engine import PRESETS, Engine, EngineConfig
+        from moshi_jax.nn.sampling import SamplingConfig
+
+        if args.preset not in PRESETS:
+            raise CLIError(f"--preset must be one of {PRESETS}, got {args.preset!r}")
+        if args.weights_dir is not None and not Path(args.weights_dir).is_dir():
+            raise CLIError(f"--weights-dir {args.weights_dir} is not a directory (a downloaded Kyutai repository)")
+        try:
+            base = SamplingConfig.greedy() if args.greedy else SamplingConfig()
+            over = {k: v for k, v in (("temp", args.temp), ("temp_text", args.temp_text), ("top_k", args.top_k),
+                                      ("top_k_text", args.top_k_text)) if v is not None}
+            sampling = dataclasses.replace(base, **over)
+            extra = {"tts_max_padding": args.max_padding} if mode == "tts" and args.max_padding is not None else {}
+            cfg = EngineConfig(mode=mode, sampling=sampling, pad_bias=args.pad_bias, text_delay_frames=delay,
+                               seed=args.seed, **extra)
+            engine, params = Engine.load(args.weights_dir, preset=args.preset, cfg=cfg, seed=args.seed,
+                                         dtype=args.dtype, tokenizer=args.tokenizer,
+                                         apply_repo_sampling=not (over or args.greedy))
+        except (FileNotFoundError, ValueError, KeyError, OSError, TypeError) as e:
+            raise CLIError(f"cannot set up the model: {e}") from e
+        return engine, params
+
+    def repo_setting(args, section: str, key: str):
+        """A value from the repository's config.json (e.g. stt_config / tts_config), or None."""
+        import json
+
+        if args.weights_dir is None:
+            return None
+        cfg_path = Path(args.weights_dir) / "config.json"
+        if not cfg_path.is_file():
+            return None
+        return (json.loads(cfg_path.read_text()).get(section) or {}).get(key)
+
+    def printer(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    def report(result, what: str) -> None:
+        from moshi_jax.engine.runner import format_latency
+
+        sys.stdout.write("\n")
+        log.info("%s: %d frames; step compiled in %.1f s before the run", what, result.frames, result.compile_s)
+        for line in format_latency(result.latencies_ms).splitlines():
+            log.info("%s", line)
+
+    def save(path: str, pcm, sample_rate: int) -> None:
+        from moshi_jax.audio import AudioError, save_audio
+
+        try:
+            save_audio(path, pcm, sample_rate)
+        except AudioError as e:
+            raise CLIError(str(e)) from e
+        log.info("wrote %s (%.2f s)", path, len(pcm) / sample_rate)
+
+    def cmd_chat(args: argparse.Namespace) -> None:
+        from moshi_jax.engine.runner import chat_file
+
+        engine, params = load(args, "dialogue")
+        wav = _read_audio(args.input, engine.sample_rate)[0]
+        if args.max_seconds is not None:
+            wav = wav[: int(args.max_seconds * engine.sample_rate)]
+        result = chat_file(engine, params, wav, printer, realtime=args.realtime)
+        report(result, "chat")
+        save(args.output, result.pcm, engine.sample_rate)
+
+    def cmd_asr(args: argparse.Namespace) -> None:
+        from moshi_jax.engine.runner import transcribe_file
+
+        delay = args.delay_frames
+        if delay is None:
+            delay = int(repo_setting(args, "stt_config", "asr_delay_in_tokens") or 0)
+        if delay < 0:
+            raise CLIError(f"--delay-frames must be >= 0 for ASR (text after audio), got {delay}")
+        engine, params = load(args, "asr", delay)
+        wav = _read_audio(args.input, engine.sample_rate)[0]
+        result = transcribe_file(engine, params, wav, printer, realtime=args.realtime)
+        report(result, "asr")
+        if args.output:
+            lines = [f"{t:8.2f}\t{w}" for w, t in result.words]
+            Path(args.output).write_text("\n".join(lines) + ("\n" if lines else ""))
+            log.info("wrote %d timed pieces to %s", len(lines), args.output)
+
+    def cmd_tts(args: argparse.Namespace) -> None:
+        from moshi_jax.engine.runner import synthesize
+
+        delay = args.delay_frames
+        if delay is None:
+            seconds = repo_setting(args, "tts_config", "audio_delay")
+            delay = 2 if seconds is None else int(float(seconds) * 12.5)
+        if delay < 0:
+            raise CLIError(f"--delay-frames must be >= 0 for TTS (audio after text), got {delay}")
+        if args.max_frames < 1:
+            raise CLIError(f"--max-frames must be >= 1, got {args.max_frames}")
+        engine, params = load(args, "tts", -delay)
+        try:
+            result = synthesize(engine, params, args.text, printer, max_frames=args.max_frames,
+                                padding_between=args.padding_between, realtime=args.realtime)
+        except ValueError as e:
+            raise CLIError(str(e)) from e
+        report(result, "tts")
+        if result.pcm.size == 0:
+            raise CLIError(f"no audio was produced in {result.frames} frames (raise --max-frames)")
+        save(args.output, result.pcm, engine.sample_rate)
+
+    def common(q) -> None:
+        q.add_argument("--weights-dir", default=None,
+                       help="a downloaded Kyutai repository (config.json, LM + Mimi safetensors, tokenizer .model); "
+                            "without it a seeded RANDOM model of --preset is used (loud warning, meaningless output)")
+        q.add_argument("--preset", default="tiny", help="random model without --weights-dir: tiny (default), "
+                                                        "bench_111m, moshi_7b")
+        q.add_argument("--seed", type=int, default=42424242,
+                       help="sampling seed, also the random model's seed (default 42424242, the reference server's)")
+        q.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: the repository's; a small "
+                                                         "built-in one for random models)")
+        q.add_argument("--dtype", default=None, help="LM dtype, e.g. bfloat16 (default float32)")
+        q.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+        q.add_argument("--temp", type=float, default=None, help="audio temperature (default 0.8)")
+        q.add_argument("--temp-text", type=float, default=None, help="text temperature (default 0.7)")
+        q.add_argument("--top-k", type=int, default=None, help="audio top-k (default 250)")
+        q.add_argument("--top-k-text", type=int, default=None, help="text top-k (default 25)")
+        q.add_argument("--pad-bias", type=float, default=0.0,
+                       help="added to the text PAD log-prob (> 0: later replies / slower speech)")
+        q.add_argument("--realtime", action="store_true",
+                       help="pace the frames at real time (80 ms each) as a live microphone would")
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    c = sub.add_parser(
+        "chat", help="full-duplex conversation over a file, frame by frame as if live", formatter_class=fmt,
+        description="Feeds the user's audio to Moshi 80 ms at a time (as the reference server does), prints "
+                    "Moshi's text as it comes, writes Moshi's audio (same length as the input), and reports the "
+                    "per-frame latency (percentiles and histogram).",
+        epilog="examples:\n  moshi-jax chat --input user.wav --output moshi.wav --weights-dir ~/models/moshiko\n"
+               "  moshi-jax chat --output out.wav --preset tiny    # built-in sample, random tiny model")
+    common(c)
+    c.add_argument("--input", "-i", default=None, help="the user's audio (any format/rate; default: the built-in "
+                                                       "synthesised speech sample)")
+    c.add_argument("--output", "-o", required=True, help="where to write Moshi's audio (float WAV, 24 kHz)")
+    c.add_argument("--max-seconds", type=float, default=None, help="only use the first seconds of the input")
+    c.set_defaults(func=cmd_chat)
+
+    a = sub.add_parser(
+        "asr", help="streaming speech recognition of a file (text delayed against audio)", formatter_class=fmt,
+        description="Streaming ASR: the audio is fed frame by frame; text comes out --delay-frames frames "
+                    "(80 ms each) after the audio it transcribes; silence is appended so the last words come "
+                    "out. Prints the text as it comes and the per-frame latency.",
+        epilog="examples:\n  moshi-jax asr speech.wav --weights-dir ~/models/stt-1b-en_fr\n"
+               "  moshi-jax asr --preset tiny --delay-frames 6    # built-in sample, random model")
+    common(a)
+    a.add_argument("input", nargs="?", default=None, help="audio file (default: the built-in speech sample)")
+    a.add_argument("--delay-frames", type=int, default=None,
+                   help="text delay in frames (default: the repository's stt_config asr_delay_in_tokens, else 0)")
+    a.add_argument("--output", "-o", default=None, help="also write 'seconds<TAB>piece' lines to this file")
+    a.set_defaults(func=cmd_asr)
+
+    t = sub.add_parser(
+        "tts", help="streaming text-to-speech (text fed word by word ahead of the audio)", formatter_class=fmt,
+        description="Streaming TTS with the reference's word-feeding rules: PADs before the first word, EPAD "
+                    "before each word, words fed when the model asks for them (at most --max-padding PADs in a "
+                    "row); the audio lags the text by --delay-frames frames.",
+        epilog='examples:\n  moshi-jax tts "Hello there, how are you?" -o hello.wav --weights-dir ~/models/tts\n'
+               '  moshi-jax tts "hello world" -o out.wav --preset tiny   # random tiny model')
+    common(t)
+    t.add_argument("text", help="the text to say (SSML-style <break time=\"0.5s\"/> pauses are honoured)")
+    t.add_argument("--output", "-o", required=True, help="where to write the audio (float WAV, 24 kHz)")
+    t.add_argument("--delay-frames", type=int, default=None,
+                   help="audio delay after the text in frames (default: the repository's tts_config audio_delay, "
+                        "else 2)")
+    t.add_argument("--max-frames", type=int, default=375, help="stop after this many frames (default 375 = 30 s)")
+    t.add_argument("--max-padding", type=int, default=None, help="most PADs in a row before a word is forced "
+                                                                 "(default 6)")
+    t.add_argument("--padding-between", type=int, default=1,
+                   help="PADs forced after each word (+ its extra tokens), as the reference simple_generate (1)")
+    t.set_defaults(func=cmd_tts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moshi-jax",
@@ -424,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_data(sub)
     _add_serve(sub)
+    _add_engine(sub)
     return parser
 
 

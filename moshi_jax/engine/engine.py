@@ -339,7 +339,9 @@ class Engine:
         """Fresh state for `batch_size` conversations (RNG seeded by `seed`, default `cfg.seed`)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return self._fresh_state(batch_size, jax.random.PRNGKey(self.cfg.seed if seed is None else seed))
+        state = self._fresh_state(batch_size, jax.random.PRNGKey(self.cfg.seed if seed is None else seed))
+        # distinct buffers for every leaf (init helpers may share one zeros array): `step_donated` needs it
+        return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
     def _reset_impl(self, state: EngineState, mask: Array) -> EngineState:
         fresh = self._fresh_state(state.frame.shape[0], state.rng)
