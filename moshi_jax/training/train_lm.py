@@ -213,7 +213,7 @@ def _report(cfg, history, step_times, program, peak, mesh, start_step, end_step,
     train = [h for h in history if h["prefix"] == "train"]
     evals = [h for h in history if h["prefix"] == "eval"]
     keys = [k for k in (train[0] if train else {}) if k.endswith("loss")]
-    window = max(1, min(3, len(train) // 2))
+    window = max(1, min(20, len(train) // 5))  # every step is in the history: average out batch-to-batch noise
     curve = {k: {"start": float(np.mean([h[k] for h in train[:window]])),
                  "end": float(np.mean([h[k] for h in train[-window:]]))} for k in keys}
     step_time = float(np.mean(step_times)) if step_times else None
@@ -222,7 +222,8 @@ def _report(cfg, history, step_times, program, peak, mesh, start_step, end_step,
         "total_steps": cfg.steps, "devices": mesh.size, "device_kind": jax.devices()[0].device_kind,
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "params": n_params, "trainable_params": n_trainable,
         "lora": cfg.lora.enabled, "batch_size": cfg.data.batch_size, "seq_frames": cfg.data.seq_frames,
-        "loss_curve": curve, "step_time_s": step_time,
+        "data": [f"{s.path}:{s.weight:g}" for s in cfg.data.sources] or f"builtin={cfg.data.builtin}",
+        "loss_curve": curve, "curve_window_steps": window, "step_time_s": step_time,
         "tokens_per_s": program.tokens_per_step / step_time if step_time and program.tokens_per_step else None,
         "mfu": (program.flops_per_step / step_time / (peak * mesh.size)
                 if step_time and program.flops_per_step and peak else None),
@@ -241,9 +242,11 @@ def write_report(report: dict, run_dir: Path) -> None:
              f"{report['devices']} x {report['device_kind']}, mesh {report['mesh']}",
              f"- params {report['params'] / 1e6:.3f}M, trainable {report['trainable_params'] / 1e6:.3f}M"
              f"{' (LoRA)' if report['lora'] else ''}; batch {report['batch_size']} x {report['seq_frames']} frames",
+             f"- data: {report['data']}",
              f"- step time {_fmt(report['step_time_s'], 's')}, tokens/s {_fmt(report['tokens_per_s'])}, "
              f"MFU {_fmt(report['mfu'] and 100 * report['mfu'], '%')}", "",
-             "| metric | start | end |", "|---|---|---|"]
+             f"| metric | start (mean of first {report['curve_window_steps']} steps) | end (last "
+             f"{report['curve_window_steps']}) |", "|---|---|---|"]
     lines += [f"| {k} | {v['start']:.4f} | {v['end']:.4f} |" for k, v in report["loss_curve"].items()]
     if report["export"]:
         lines += ["", "Exported: " + ", ".join(f"`{p}`" for p in report["export"])]
@@ -409,6 +412,9 @@ def setup_logging(level: int = logging.INFO) -> None:
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(level)
+    if level > logging.DEBUG:  # libraries' INFO chatter (orbax via absl, jax backend probing) hides the progress
+        for name in ("absl", "jax", "orbax", "grain"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -419,9 +425,9 @@ def run(cfg: TrainConfig) -> dict:
     logger.info("config %s: model %s, %d steps, batch %d x %d frames, run dir %s", cfg.name, cfg.model.preset,
                 cfg.steps, cfg.data.batch_size, cfg.data.seq_frames, cfg.resolved_run_dir)
     report = train_loop(cfg, lm_program(cfg, lm_cfg), mesh, axis_rules(cfg))
-    curve = report["loss_curve"].get("loss")
-    if curve:
-        logger.info("loss %.4f -> %.4f (mean of the first / last logged steps)", curve["start"], curve["end"])
+    for key, curve in report["loss_curve"].items():
+        logger.info("%-14s %.4f -> %.4f", key, curve["start"], curve["end"])
+    logger.info("(means over the first / last %d steps)", report["curve_window_steps"])
     logger.info("checkpoints: %s", report["checkpoint_dir"])
     logger.info("report: %s", cfg.resolved_run_dir / "report.md")
     return report
