@@ -271,11 +271,17 @@ def test_training_hosts_draw_from_disjoint_shards(tmp_path):
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(10))
 
 
-def test_worker_processes_yield_the_same_batches_as_in_process_loading(two_sources):
+def test_worker_processes_yield_the_same_batches_as_in_process_loading_and_resume(two_sources):
     a, b = two_sources
     cfg = data_cfg([(a, 1.0), (b, 1.0)])
-    want = batches(pipeline.make_dataset(cfg, LM, True), 3)
-    got = batches(pipeline.make_dataset(dataclasses.replace(cfg, num_workers=1), LM, True), 3)
+    want = batches(pipeline.make_dataset(cfg, LM, True), 4)
+    workers = dataclasses.replace(cfg, num_workers=1)
+    it = iter(pipeline.make_dataset(workers, LM, True))
+    got = [next(it) for _ in range(2)]
+    state = it.get_state()
+    resumed = iter(pipeline.make_dataset(workers, LM, True))
+    resumed.set_state(state)
+    got += [next(resumed) for _ in range(2)]
     for x, y in zip(want, got, strict=True):
         np.testing.assert_array_equal(x["codes"], y["codes"])
 
