@@ -353,16 +353,21 @@ def calibrate_codebooks(codec, params: dict, audio: np.ndarray, seed: int = 0) -
     quantizer = dict(params["quantizer"])
     for name in ("semantic", "acoustic"):
         rvq = dict(quantizer[name])
-        books = np.array(rvq["codebooks"], np.float64)  # [levels, bins, codebook_dim]
+        # Per-level arrays `codebook_<i>` [bins, codebook_dim] (or one stacked `codebooks` [levels, ...]).
+        keys = sorted((k for k in rvq if k.startswith("codebook_")), key=lambda k: int(k.split("_")[1]))
+        books = [np.array(rvq[k], np.float64) for k in keys] if keys else list(np.array(rvq["codebooks"], np.float64))
         residual = x @ np.asarray(rvq["input_proj"], np.float64)
-        _, bins, cdim = books.shape
-        for level in range(books.shape[0]):
+        for book in books:
+            bins, cdim = book.shape
             z = rng.standard_normal((bins, cdim))
             z *= math.sqrt(cdim) / np.linalg.norm(z, axis=1, keepdims=True)
-            books[level] = residual.mean(0) + (residual.std(0) + 1e-6) * z
-            scores = np.sum(books[level] ** 2, axis=1)[None] - 2.0 * residual @ books[level].T
-            residual = residual - books[level][np.argmin(scores, axis=1)]
-        rvq["codebooks"] = jnp.asarray(books, jnp.float32)
+            book[:] = residual.mean(0) + (residual.std(0) + 1e-6) * z
+            scores = np.sum(book ** 2, axis=1)[None] - 2.0 * residual @ book.T
+            residual = residual - book[np.argmin(scores, axis=1)]
+        if keys:
+            rvq.update({k: jnp.asarray(b, jnp.float32) for k, b in zip(keys, books, strict=True)})
+        else:
+            rvq["codebooks"] = jnp.asarray(np.stack(books), jnp.float32)
         quantizer[name] = rvq
     return {**params, "quantizer": quantizer}
 
@@ -370,16 +375,22 @@ def calibrate_codebooks(codec, params: dict, audio: np.ndarray, seed: int = 0) -
 # ----------------------------------------------------------------------------------------------- the job
 
 
+def mimi_config(preset: str):
+    """MimiConfig of a preset: 'released' (the released codec) or 'tiny' (smoke tests)."""
+    from moshi_jax.mimi.config import MimiConfig
+
+    if preset not in ("released", "tiny"):
+        raise TokenizeError(f"Mimi preset must be 'released' or 'tiny', got {preset!r}")
+    return MimiConfig() if preset == "released" else MimiConfig.tiny()
+
+
 def load_mimi(weights: str | Path | None = None, preset: str = "released", seed: int = 0):
     """(codec, params, description dict). Without weights: a seeded random Mimi, with a loud warning."""
     import jax
 
-    from moshi_jax.mimi.config import MimiConfig
     from moshi_jax.mimi.model import MimiCodec
 
-    if preset not in ("released", "tiny"):
-        raise TokenizeError(f"Mimi preset must be 'released' or 'tiny', got {preset!r}")
-    cfg = MimiConfig() if preset == "released" else MimiConfig.tiny()
+    cfg = mimi_config(preset)
     codec = MimiCodec(cfg)
     if weights is None:
         log.warning("=" * 78)
@@ -437,12 +448,19 @@ def tokenize_dataset(manifest: str | Path, out_dir: str | Path, *, mimi_weights:
     if skipped and opts.on_error == "fail":
         s = skipped[0]
         raise TokenizeError(f"{s['path']} (manifest line {s['line']}): {s['reason']}")
-    codec, params, mimi_desc = mimi if mimi is not None else load_mimi(mimi_weights, mimi_preset, mimi_seed)
-    cfg = codec.cfg
+    # the tokenizer first: a bad path fails before the (slow) codec is built
+    word_tokens, text_desc = None, {"path": None, "vocab_size": None}
+    if tokenizer is not None:
+        tok, text_desc = _load_tokenizer(tokenizer)
+        word_tokens = lambda w: tok.encode(w.strip())  # noqa: E731 - each word alone, no BOS (reference)
+    else:
+        log.warning("no text tokenizer given: every text stream will be -1 (no text input, no text loss)")
     try:
-        cfg.check_num_codebooks(opts.num_codebooks)
+        (mimi[0].cfg if mimi is not None else mimi_config(mimi_preset)).check_num_codebooks(opts.num_codebooks)
     except ValueError as e:
         raise TokenizeError(f"--num-codebooks: {e}") from e
+    codec, params, mimi_desc = mimi if mimi is not None else load_mimi(mimi_weights, mimi_preset, mimi_seed)
+    cfg = codec.cfg
     if mimi_desc.get("random") and opts.calibrate_random:
         audio = calibration_audio(entries, cfg.sample_rate, opts.calibration_seconds)
         if audio is not None:
@@ -451,12 +469,6 @@ def tokenize_dataset(manifest: str | Path, out_dir: str | Path, *, mimi_weights:
                                                               cfg.sample_rate})
             log.info("random Mimi: codebooks fitted to %.0f s of this dataset's latents (codes now depend on "
                      "the audio)", audio.shape[0] * audio.shape[-1] / cfg.sample_rate)
-    word_tokens, text_desc = None, {"path": None, "vocab_size": None}
-    if tokenizer is not None:
-        tok, text_desc = _load_tokenizer(tokenizer)
-        word_tokens = lambda w: tok.encode(w.strip())  # noqa: E731 - each word alone, no BOS (reference)
-    else:
-        log.warning("no text tokenizer given: every text stream will be -1 (no text input, no text loss)")
     text_desc.update(pad_id=TEXT_PAD_ID, epad_id=TEXT_EPAD_ID, main_speaker=opts.main_speaker, keep_main_only=True,
                      speakers=list(opts.allowed_speakers))
 
