@@ -432,6 +432,8 @@ def _add_engine(sub) -> None:
                                       ("top_k_text", args.top_k_text)) if v is not None}
             sampling = dataclasses.replace(base, **over)
             extra = {"tts_max_padding": args.max_padding} if mode == "tts" and args.max_padding is not None else {}
+            if mode == "asr":
+                extra["asr_zero_text_prefix"] = not args.free_text_prefix
             cfg = EngineConfig(mode=mode, sampling=sampling, pad_bias=args.pad_bias, text_delay_frames=delay,
                                seed=args.seed, **extra)
             engine, params = Engine.load(args.weights_dir, preset=args.preset, cfg=cfg, seed=args.seed,
@@ -488,13 +490,14 @@ def _add_engine(sub) -> None:
         from moshi_jax.engine.runner import transcribe_file
 
         delay = args.delay_frames
-        if delay is None:
-            delay = int(repo_setting(args, "stt_config", "asr_delay_in_tokens") or 0)
+        if delay is None:  # the reference STT repositories give the delay in seconds
+            delay = int(round(float(repo_setting(args, "stt_config", "audio_delay_seconds") or 0.0) * 12.5))
         if delay < 0:
             raise CLIError(f"--delay-frames must be >= 0 for ASR (text after audio), got {delay}")
+        prefix = int(round(float(repo_setting(args, "stt_config", "audio_silence_prefix_seconds") or 0.0) * 12.5))
         engine, params = load(args, "asr", delay)
         wav = _read_audio(args.input, engine.sample_rate)[0]
-        result = transcribe_file(engine, params, wav, printer, realtime=args.realtime)
+        result = transcribe_file(engine, params, wav, printer, realtime=args.realtime, prefix_frames=prefix)
         report(result, "asr")
         if args.output:
             lines = [f"{t:8.2f}\t{w}" for w, t in result.words]
@@ -569,7 +572,10 @@ def _add_engine(sub) -> None:
     common(a)
     a.add_argument("input", nargs="?", default=None, help="audio file (default: the built-in speech sample)")
     a.add_argument("--delay-frames", type=int, default=None,
-                   help="text delay in frames (default: the repository's stt_config asr_delay_in_tokens, else 0)")
+                   help="text delay in frames (default: the repository's stt_config audio_delay_seconds, else 0)")
+    a.add_argument("--free-text-prefix", action="store_true",
+                   help="keep the model's own text in the first --delay-frames frames (the reference STT "
+                        "inference) instead of the zero token (moshi-jax's training data layout)")
     a.add_argument("--output", "-o", default=None, help="also write 'seconds<TAB>piece' lines to this file")
     a.set_defaults(func=cmd_asr)
 

@@ -28,8 +28,8 @@ leads the audio it describes):
 - "asr": the input audio is the model's own voice stream (forced into streams 1..dep_q, the reference's
   teacher forcing; a model without depformer reads it from its input streams, one frame later so that no
   frame is lost), the user streams get the zero token (-1, a mono recording). The text sampled at frame s
-  is text time s, which transcribes audio frame s - d; frames s < d are invalid and their text is replaced
-  by -1 (zero embedding) in the LM's cache, as the training data has no text there.
+  is text time s, which transcribes audio frame s - d; frames s < d are invalid and (`asr_zero_text_prefix`)
+  their text is replaced by -1 (zero embedding) in the LM's cache, as the training data has no text there.
 - "tts": a text script per item (`load_text`) is fed by the reference's word state machine (`tts.py`) in place
   of the sampled text; the audio the LM samples is decoded; audio frames of time < |d| (audio lags text by
   |d| frames) are replaced by -1 in the LM's cache (reference `on_audio_hook`) and produce no output;
@@ -74,6 +74,8 @@ class EngineConfig:
     pad_bias: float = 0.0  # added to PAD's log-prob when sampling text (> 0: more silence / slower speech)
     text_delay_frames: int = 0  # the data pipeline's shift: > 0 ASR (text lags), < 0 TTS (text leads)
     seed: int = SERVER_SEED
+    asr_zero_text_prefix: bool = True  # ASR: the first d text frames -> zero token (our data pipeline's layout);
+    #                                    False: the model's own text is kept (the reference STT inference)
     tts_max_padding: int = 6  # reference StateMachine defaults
     tts_initial_padding: int = 2
     tts_final_padding: int = 4  # frames generated after the last word's audio (reference TTSModel)
@@ -247,14 +249,15 @@ class Engine:
     @classmethod
     def load(cls, weights_dir: str | Path | None = None, *, preset: str = "tiny", cfg: EngineConfig | None = None,
              seed: int = 0, dtype: str | None = None, tokenizer: str | Path | None = None,
-             apply_repo_sampling: bool = True) -> tuple[Engine, Params]:
+             apply_repo_sampling: bool = True, mimi_cfg: MimiConfig | None = None) -> tuple[Engine, Params]:
         """An engine and its params.
 
         `weights_dir`: a downloaded Kyutai repository (config.json, the LM safetensors, the Mimi safetensors,
         the SentencePiece model; names from config.json or the released defaults). Its `lm_gen_config`
         sampling overrides are applied when `cfg` keeps the default sampling and `apply_repo_sampling`.
         None: a seeded random model of `preset` (logged loudly: outputs are meaningless) with a small tokenizer
-        trained on the built-in sentences. `dtype` (e.g. "bfloat16") sets the LM's param and compute dtype."""
+        trained on the built-in sentences. `dtype` (e.g. "bfloat16") sets the LM's param and compute dtype.
+        `mimi_cfg`: the codec of a repository (default: the released Mimi, which every Kyutai repository uses)."""
         from moshi_jax.lm import checkpoint as lm_ckpt
         from moshi_jax.lm.tokenizer import TextTokenizer
         from moshi_jax.mimi import checkpoint as mimi_ckpt
@@ -282,7 +285,7 @@ class Engine:
             if not path.is_file():
                 raise FileNotFoundError(f"{what} not found: {path}")
         lm_cfg, lm_params = lm_ckpt.load_pretrained(repo, dtype=dtype)
-        mimi_cfg = MimiConfig()
+        mimi_cfg = mimi_cfg or MimiConfig()
         log.info("loading Mimi from %s", info.mimi_weights)
         mimi_params = mimi_ckpt.load_reference(str(info.mimi_weights), mimi_cfg)
         tok_path = Path(tokenizer) if tokenizer is not None else info.tokenizer
@@ -444,7 +447,7 @@ class Engine:
         col = lm_state.offsets % CT
         rows = jnp.arange(B)
         cache = lm_state.cache
-        if c.mode == "asr" and d > 0:
+        if c.mode == "asr" and d > 0 and c.asr_zero_text_prefix:
             cur = cache[rows, 0, col]
             cache = cache.at[rows, 0, col].set(jnp.where(s < d, lm.zero_token_id, cur))
         if c.mode == "tts" and d > 0:

@@ -123,15 +123,19 @@ def chat_file(engine: Engine, params, wav: np.ndarray, printer: Printer | None =
 
 
 def transcribe_file(engine: Engine, params, wav: np.ndarray, printer: Printer | None = None,
-                    realtime: bool = False, flush_frames: int | None = None) -> RunResult:
+                    realtime: bool = False, flush_frames: int | None = None, prefix_frames: int = 0) -> RunResult:
     """Streaming ASR over a file. `flush_frames` of silence follow the audio so the last words come out
-    (default: the text delay + 12 frames, ~1 s, like the reference STT's end padding)."""
+    (default: the text delay + 12 frames, ~1 s, like the reference STT's end padding); `prefix_frames` of
+    silence precede it (the reference's `audio_silence_prefix_seconds`). Word times are in the input file."""
     if engine.cfg.mode != "asr":
         raise ValueError(f"asr needs an engine in asr mode, got {engine.cfg.mode!r}")
+    if prefix_frames < 0:
+        raise ValueError(f"prefix_frames must be >= 0, got {prefix_frames}")
     compile_s = _warmup(engine, params)
     extra = engine.delay + 12 if flush_frames is None else flush_frames
     frames = _frames(wav, engine.frame_size, extra)
-    d = engine.delay
+    frames = np.concatenate([np.zeros((prefix_frames, engine.frame_size), np.float32), frames])
+    d = engine.delay + prefix_frames
     pieces, words, add_text = _text_sink(engine, printer, lambda i, o: (i - d) * 0.08)
     lat = _loop(engine, params, engine.init_state(1), frames, len(frames), add_text, realtime)
     return RunResult(np.zeros(0, np.float32), "".join(pieces), words, lat, compile_s, len(frames))
