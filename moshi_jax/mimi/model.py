@@ -16,7 +16,9 @@ decoder. Public tensors use the reference's layouts (wav `[B, 1, T]`, codes `[B,
 
 Streaming state is one pytree (`MimiState`) with every conv buffer, both transformers' KV rings and
 positions, the downsample's first-call flag, and the number of codebooks K (static metadata, so each K
-compiles once). Each streamed 80 ms frame feeds the transformers 2 steps at once, as the reference
+compiles once). The streaming entry points consume the state they are given (its buffers are donated
+and updated in place): always continue from the returned state. Each streamed 80 ms frame feeds the
+transformers 2 steps at once, as the reference
 does; past the attention window this differs from one-shot by the reference's ring quirk (both keys
 are written before attending), which is reproduced on purpose.
 """
@@ -35,7 +37,7 @@ from flax import struct, traverse_util
 from moshi_jax.mimi.config import MimiConfig
 from moshi_jax.mimi.quantizer import SplitRVQ
 from moshi_jax.mimi.seanet import SEANetDecoder, SEANetEncoder, init_decoder_state, init_encoder_state
-from moshi_jax.mimi.transformer import StackState, UnrolledTransformer, init_stack_state
+from moshi_jax.mimi.transformer import MimiTransformer, StackState, init_stack_state
 from moshi_jax.nn.conv import (
     ConvState,
     ConvTransposeState,
@@ -54,7 +56,7 @@ class MimiState:
     """Whole streaming state of the codec for a batch of B independent streams."""
 
     encoder: dict  # SEANet encoder conv buffers
-    encoder_transformer: StackState  # per-layer KV rings [B, context, H, Dh] + offsets [B]
+    encoder_transformer: StackState  # per-layer KV rings (context slots) + offsets [B]
     downsample: ConvState  # 25 -> 12.5 Hz conv buffer + first-call flag (replicate padding)
     upsample: ConvTransposeState  # 12.5 -> 25 Hz overlap-add tail
     decoder_transformer: StackState
@@ -75,12 +77,12 @@ class MimiModule(nn.Module):
         cfg = self.cfg
         D, S = cfg.dimension, cfg.resample_stride
         self.encoder = SEANetEncoder(cfg)
-        self.encoder_transformer = UnrolledTransformer(cfg.transformer)
+        self.encoder_transformer = MimiTransformer(cfg.transformer)
         self.downsample = StreamingConv1d(D, D, 2 * S, stride=S, use_bias=False, pad_mode="replicate")
         self.quantizer = SplitRVQ(cfg)
         # Depthwise: the reference's `upsample_channel_wise_bug=True`.
         self.upsample = StreamingConvTranspose1d(D, D, 2 * S, S, groups=D, use_bias=False)
-        self.decoder_transformer = UnrolledTransformer(cfg.transformer)
+        self.decoder_transformer = MimiTransformer(cfg.transformer)
         self.decoder = SEANetDecoder(cfg)
 
     def encode_latent(self, wav: Array, state: MimiState | None) -> tuple[Array, dict | None]:
@@ -213,11 +215,13 @@ class _Kernels:
         self.encode = jax.jit(self._encode_impl, static_argnames=("k", "quantize"))
         self.decode = jax.jit(self._decode_impl)
         self.decode_latent = jax.jit(self._dequantize_impl)
-        self.encode_step = jax.jit(self._encode_frame)
-        self.decode_step = jax.jit(self._decode_frame)
-        self.encode_chunk = jax.jit(self._encode_chunk_impl)
-        self.decode_chunk = jax.jit(self._decode_chunk_impl)
-        self.reset = jax.jit(reset_state)
+        # Streaming entry points consume (donate) the state they are given: the rings and buffers are then
+        # updated in place instead of being copied every frame.
+        self.encode_step = jax.jit(self._encode_frame, donate_argnums=1)
+        self.decode_step = jax.jit(self._decode_frame, donate_argnums=1)
+        self.encode_chunk = jax.jit(self._encode_chunk_impl, donate_argnums=1)
+        self.decode_chunk = jax.jit(self._decode_chunk_impl, donate_argnums=1)
+        self.reset = jax.jit(reset_state, donate_argnums=0)
 
     # ------------------------------------------------------------------ implementations (traced)
     def _apply(self, params: Params, *args, method):
@@ -281,7 +285,10 @@ class MimiCodec:
 
     def init(self, key: Array) -> Params:
         """Random parameters (plain arrays) drawn on the host with the modules' initializer distributions
-        (see `host_init`): instant, where the traced init compiles for about a minute on two CPU cores."""
+        (see `host_init`): instant, where the traced init compiles for about a minute on two CPU cores.
+        Under a trace (`jax.eval_shape`, `jax.jit`) it is the modules' own (traceable) init."""
+        if isinstance(key, jax.core.Tracer):
+            return nn.unbox(self.init_boxed(key))
         return host_init(self.cfg, key)
 
     def param_axes(self) -> Params:
@@ -312,19 +319,21 @@ class MimiCodec:
         return init_state(self.cfg, batch_size, num_codebooks)
 
     def reset(self, state: MimiState, mask) -> MimiState:
-        """Reset the streams where `mask` `[B]` is True (e.g. a new call on a server slot)."""
+        """Reset the streams where `mask` `[B]` is True (e.g. a new call on a server slot); consumes `state`."""
         mask = jnp.asarray(mask, jnp.bool_)
         if mask.shape != (state.batch_size,):
             raise ValueError(f"reset mask must have shape ({state.batch_size},), got {mask.shape}")
         return self._k.reset(state, mask)
 
     def encode_step(self, params: Params, state: MimiState, frame) -> tuple[MimiState, Array]:
-        """One 80 ms frame `[B, 1, frame_size]` -> (state, codes `[B, K, 1]`), K = state.num_codebooks."""
+        """One 80 ms frame `[B, 1, frame_size]` -> (state, codes `[B, K, 1]`), K = state.num_codebooks.
+        The given state is consumed (donated); continue from the returned one."""
         frame = self._check_wav(frame, batch=state.batch_size, frames=1)
         return self._k.encode_step(params, state, frame)
 
     def decode_step(self, params: Params, state: MimiState, codes) -> tuple[MimiState, Array]:
-        """codes `[B, K, 1]` -> (state, audio `[B, 1, frame_size]`)."""
+        """codes `[B, K, 1]` -> (state, audio `[B, 1, frame_size]`); the given state is consumed. Codes are
+        not range-checked here (no host sync in a real-time loop): out-of-range values are clamped."""
         codes = self._check_codes(codes, batch=state.batch_size, frames=1, check_range=False)
         return self._k.decode_step(params, state, codes)
 

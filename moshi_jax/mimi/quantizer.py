@@ -35,10 +35,11 @@ def _uniform(fan_in: int):
 def nearest_code(x: Array, codebook: Array) -> Array:
     """Index of the nearest centroid (Euclidean) for each row: x `[N, D]`, codebook `[bins, D]` -> `[N]`.
 
-    argmin |x - c|^2 = argmin (|c|^2 - 2 x.c): one matmul, ties resolved to the lowest index as in
-    torch's argmin."""
-    scores = jnp.sum(codebook * codebook, axis=-1)[None] - 2.0 * (x @ codebook.T)
-    return jnp.argmin(scores, axis=-1).astype(jnp.int32)
+    argmin |x - c|^2 = argmin (|c|^2 - 2 c.x): one matmul, ties resolved to the lowest index as in
+    torch's argmin. The codebook is the matmul's left operand so that it is read in place (as the right
+    one, XLA first copies a transposed codebook)."""
+    scores = jnp.sum(codebook * codebook, axis=-1)[:, None] - 2.0 * (codebook @ x.T)  # [bins, N]
+    return jnp.argmin(scores, axis=0).astype(jnp.int32)
 
 
 class ResidualVQ(nn.Module):
