@@ -117,6 +117,22 @@ def test_paused_item_state_is_frozen(engine_and_params):
     assert changed1  # the active item did move on
 
 
+def test_paused_item_resumes_exactly_as_if_never_paused_past_the_context(engine_and_params):
+    """The paused frames' KV writes are left in the rings (only positions / offsets are restored): the resumed
+    conversation must not see them. Same keys from the resume on, so the outputs must match bit for bit."""
+    engine, params = engine_and_params
+    pre, post = LM_CONTEXT + 2, 5  # the rings are full and wrapping when the pause happens
+    pcm = _pcm(pre + post, 11)
+    state, _ = _run(engine, params, engine.init_state(B), pcm[:pre])
+    paused = state
+    for i in range(2):  # item 0 paused while hearing something else
+        paused, _ = engine.step(params, paused, _pcm(1, 20 + i)[0], np.array([False, True]))
+    _, resumed = _run(engine, params, paused, pcm[pre:])
+    _, straight = _run(engine, params, state.replace(rng=paused.rng), pcm[pre:])
+    for field in ("text_token", "pcm", "codes", "frame"):
+        assert np.array_equal(_item(resumed, 0, field), _item(straight, 0, field)), field
+
+
 def test_reset_item_continues_like_a_fresh_conversation(engine_and_params):
     engine, params = engine_and_params
     state, _ = _run(engine, params, engine.init_state(B), _pcm(7, 7))
