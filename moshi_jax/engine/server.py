@@ -151,7 +151,16 @@ class ChatServer:
             reset_mask, self._dirty = self._dirty, np.zeros(B, bool)
             if active.any() or reset_mask.any():
                 t0 = time.perf_counter()
-                result = await loop.run_in_executor(self._executor, self._run_step, pcm, active, reset_mask)
+                try:
+                    result = await loop.run_in_executor(self._executor, self._run_step, pcm, active, reset_mask)
+                except Exception as e:  # an engine failure ends these conversations, not the server
+                    log.exception("engine step failed; closing the %d active session(s)", len(sessions))
+                    for sess in sessions.values():
+                        await self._close(sess, proto.CLOSE_INTERNAL_ERROR, f"engine error: {type(e).__name__}")
+                    # the state may be half-donated: rebuild it (compiled functions are cached, so this is quick)
+                    await loop.run_in_executor(self._executor, self.warmup)
+                    self._dirty[:] = False
+                    continue
                 if result is not None:
                     self._record_step(time.perf_counter() - t0, int(active.sum()))
                     self._dispatch(sessions, active, *result)

@@ -64,8 +64,9 @@ async def _reader(ws, log: ClientLog, want_audio: int | None) -> None:
     while want_audio is None or log.audio_msgs < want_audio:
         msg = await asyncio.wait_for(ws.receive(), TIMEOUT)
         if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
-            log.close_code = ws.close_code
-            log.close_reason = msg.extra if msg.type == aiohttp.WSMsgType.CLOSE else None
+            is_close = msg.type == aiohttp.WSMsgType.CLOSE  # the close frame itself: code and reason
+            log.close_code = msg.data if is_close else ws.close_code
+            log.close_reason = msg.extra if is_close else None
             return
         assert msg.type == aiohttp.WSMsgType.BINARY, f"server sent a non-binary message: {msg.type}"
         data = msg.data
@@ -276,3 +277,50 @@ def test_server_rejects_bad_settings():
         ChatServer(NoEngine(), None, max_sessions=0)
     with pytest.raises(ValueError, match="frame_period_s must be >= 0"):
         ChatServer(NoEngine(), None, frame_period_s=-1)
+
+
+class _FailingOnce:
+    """The real engine, except that its step raises once when `fail` is set (an engine crash mid-stream)."""
+
+    def __init__(self, engine):
+        self._engine, self.fail = engine, False
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def step_donated(self, *args):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("simulated device failure")
+        return self._engine.step_donated(*args)
+
+
+def test_an_engine_failure_closes_its_sessions_with_1011_and_the_server_keeps_serving(engine_and_params, speech):
+    engine, params = engine_and_params
+    failing = _FailingOnce(engine)
+
+    async def scenario(server, session, url):
+        ws = await session.ws_connect(url)
+        lg = ClientLog()
+        reader = asyncio.ensure_future(_reader(ws, lg, None))
+        await _wait_for(lambda: lg.first is not None, "the handshake")
+        await _send_audio(ws, speech[0], 2)
+        await _wait_for(lambda: lg.audio_msgs >= 1, "the first output")
+        failing.fail = True
+        try:
+            await _send_audio(ws, speech[0], 2)
+        except ConnectionResetError:  # the server may close us before the second frame is sent
+            pass
+        await asyncio.wait_for(reader, TIMEOUT)
+
+        again = await session.ws_connect(url)  # the server recovered: a new conversation is served
+        lg2 = ClientLog()
+        reader2 = asyncio.ensure_future(_reader(again, lg2, 2))
+        await _send_audio(again, speech[1], 3)
+        await asyncio.wait_for(reader2, TIMEOUT)
+        await again.close()
+        return lg, lg2
+
+    lg, lg2 = _run((failing, params), scenario)
+    assert lg.close_code == P.CLOSE_INTERNAL_ERROR and "engine error: RuntimeError" in lg.close_reason
+    assert lg2.first == b"\x00" and lg2.audio_msgs == 2
