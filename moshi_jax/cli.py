@@ -427,7 +427,9 @@ def _add_engine(sub) -> None:
         if args.weights_dir is not None and not Path(args.weights_dir).is_dir():
             raise CLIError(f"--weights-dir {args.weights_dir} is not a directory (a downloaded Kyutai repository)")
         try:
-            base = SamplingConfig.greedy() if args.greedy else SamplingConfig()
+            # the reference TTSModel samples text and audio at 0.6; the others use the LMGen defaults
+            base = SamplingConfig(temp=0.6, temp_text=0.6) if mode == "tts" else SamplingConfig()
+            base = SamplingConfig.greedy() if args.greedy else base
             over = {k: v for k, v in (("temp", args.temp), ("temp_text", args.temp_text), ("top_k", args.top_k),
                                       ("top_k_text", args.top_k_text)) if v is not None}
             sampling = dataclasses.replace(base, **over)
@@ -438,7 +440,7 @@ def _add_engine(sub) -> None:
                                seed=args.seed, **extra)
             engine, params = Engine.load(args.weights_dir, preset=args.preset, cfg=cfg, seed=args.seed,
                                          dtype=args.dtype, tokenizer=args.tokenizer,
-                                         apply_repo_sampling=not (over or args.greedy))
+                                         apply_repo_sampling=not (over or args.greedy or mode == "tts"))
         except (FileNotFoundError, ValueError, KeyError, OSError, TypeError) as e:
             raise CLIError(f"cannot set up the model: {e}") from e
         return engine, params
@@ -538,8 +540,8 @@ def _add_engine(sub) -> None:
                                                          "built-in one for random models)")
         q.add_argument("--dtype", default=None, help="LM dtype, e.g. bfloat16 (default float32)")
         q.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-        q.add_argument("--temp", type=float, default=None, help="audio temperature (default 0.8)")
-        q.add_argument("--temp-text", type=float, default=None, help="text temperature (default 0.7)")
+        q.add_argument("--temp", type=float, default=None, help="audio temperature (default 0.8; tts 0.6)")
+        q.add_argument("--temp-text", type=float, default=None, help="text temperature (default 0.7; tts 0.6)")
         q.add_argument("--top-k", type=int, default=None, help="audio top-k (default 250)")
         q.add_argument("--top-k-text", type=int, default=None, help="text top-k (default 25)")
         q.add_argument("--pad-bias", type=float, default=0.0,
@@ -593,8 +595,9 @@ def _add_engine(sub) -> None:
                    help="audio delay after the text in frames (default: the repository's tts_config audio_delay, "
                         "else 2)")
     t.add_argument("--max-frames", type=int, default=375, help="stop after this many frames (default 375 = 30 s)")
-    t.add_argument("--max-padding", type=int, default=None, help="most PADs in a row before a word is forced "
-                                                                 "(default 6)")
+    t.add_argument("--max-padding", type=int, default=None,
+                   help="most PADs in a row before a word is forced (default 6, the reference StateMachine's; "
+                        "its TTSModel loader uses 8)")
     t.add_argument("--padding-between", type=int, default=1,
                    help="PADs forced after each word (+ its extra tokens), as the reference simple_generate (1)")
     t.set_defaults(func=cmd_tts)
