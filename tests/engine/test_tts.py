@@ -148,17 +148,17 @@ def test_tts_engine_audio_is_the_teacher_forced_forward_argmax(tts_engine):
     engine, params = tts_engine
     lm = engine.lm_cfg
     n = 14
-    _, outs = _run_tts(engine, params, ["hello there friend"], n)
+    _, outs = _run_tts(engine, params, ["hello there friend", "the fox"], n)  # B = 2: the compiled step is shared
     Tn = n - lm.max_delay  # Moshi times 0..Tn-1 are complete
-    grid = np.full((1, lm.num_streams, Tn), -1, np.int32)
-    grid[0, 0] = [o.text_token[0] for o in outs[:Tn]]
+    grid = np.full((2, lm.num_streams, Tn), -1, np.int32)
+    grid[:, 0] = np.stack([o.text_token for o in outs[:Tn]], axis=1)
     for t in range(DELAY, Tn):
-        grid[0, 1:1 + lm.dep_q, t] = outs[t + lm.max_delay].codes[0]
-    logits = M.forward(params["lm"], grid, lm).audio_logits  # [1, dep_q, Tn, card]
-    pred = np.asarray(logits.argmax(-1))[0]  # [dep_q, Tn]
+        grid[:, 1:1 + lm.dep_q, t] = outs[t + lm.max_delay].codes
+    logits = M.forward(params["lm"], grid, lm).audio_logits  # [2, dep_q, Tn, card]
+    pred = np.asarray(logits.argmax(-1))  # [2, dep_q, Tn]
     for k in range(lm.dep_q):
         last = Tn - lm.delays[1 + k]  # the forward predicts codebook k up to time Tn - 1 - delay
-        np.testing.assert_array_equal(pred[k, DELAY:last], grid[0, 1 + k, DELAY:last], err_msg=f"codebook {k}")
+        np.testing.assert_array_equal(pred[:, k, DELAY:last], grid[:, 1 + k, DELAY:last], err_msg=f"codebook {k}")
 
 
 def test_load_text_restarts_only_that_item_and_checks_vocabulary(tts_engine):
