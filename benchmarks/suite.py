@@ -303,24 +303,28 @@ def _repo_delay(weights_dir: str | None, key: str, field: str) -> float | None:
 
 
 def asr_engine(weights_dir: str | None, delay_frames: int | None):
+    """(engine, params, prefix_frames) for streaming ASR; delays from the repo's stt_config when present."""
     from moshi_jax.engine.engine import Engine, EngineConfig
     from moshi_jax.nn.sampling import SamplingConfig
 
     if delay_frames is None:
         sec = _repo_delay(weights_dir, "stt_config", "audio_delay_seconds")
         delay_frames = round(sec * 12.5) if sec is not None else 2
+    prefix = round((_repo_delay(weights_dir, "stt_config", "audio_silence_prefix_seconds") or 0.0) * 12.5)
     cfg = EngineConfig(mode="asr", text_delay_frames=delay_frames, sampling=SamplingConfig.greedy())
     engine, params = Engine.load(weights_dir, preset="tiny", cfg=cfg, seed=0)
-    return engine, params
+    return engine, params, prefix
 
 
-def transcribe(engine, params, audios: list[np.ndarray]) -> list[str]:
-    """Batched streaming ASR: every audio gets its own conversation; text = the valid text pieces joined."""
+def transcribe(engine, params, audios: list[np.ndarray], prefix_frames: int = 0) -> list[str]:
+    """Batched streaming ASR: every audio gets its own conversation; text = the valid text pieces joined.
+    As `moshi-jax asr`: `prefix_frames` of silence first (the repo's audio_silence_prefix_seconds), then the
+    audio, then delay + 12 frames of silence so that the last words come out."""
     F = engine.frame_size
-    n = max(-(-a.size // F) for a in audios) + engine.delay + 2  # flush: the text lags by `delay` frames
+    n = prefix_frames + max(-(-a.size // F) for a in audios) + engine.delay + 12
     pcm = np.zeros((len(audios), n * F), np.float32)
     for i, a in enumerate(audios):
-        pcm[i, : a.size] = a
+        pcm[i, prefix_frames * F: prefix_frames * F + a.size] = a
     state = engine.init_state(len(audios))
     active = np.ones(len(audios), bool)
     pieces: list[list[str]] = [[] for _ in audios]
@@ -340,9 +344,9 @@ def section_asr(args, sec: Section) -> None:
 
     utts = eval_utterances(4 if args.quick else 12)
     wdir = args.asr_weights_dir or args.weights_dir
-    engine, params = asr_engine(wdir, args.asr_delay_frames)
+    engine, params, prefix = asr_engine(wdir, args.asr_delay_frames)
     t0 = time.perf_counter()
-    hyps = transcribe(engine, params, [a for _, _, a in utts])
+    hyps = transcribe(engine, params, [a for _, _, a in utts], prefix)
     run_s = time.perf_counter() - t0
     refs = [t for t, _, _ in utts]
     w = Q.wer(refs, hyps)
@@ -362,7 +366,7 @@ def synthesize_tts(engine, params, texts: list[str], max_frames: int) -> list[np
     B = len(texts)
     state = engine.init_state(B)
     for i, text in enumerate(texts):
-        state = engine.load_text(state, i, text)
+        state = engine.load_text(state, i, text, padding_between=1)  # as `moshi-jax tts`
     active = np.ones(B, bool)
     silence = np.zeros((B, engine.frame_size), np.float32)
     chunks: list[list[np.ndarray]] = [[] for _ in texts]
@@ -399,8 +403,8 @@ def section_tts(args, sec: Section) -> None:
     dtw = [Q.dtw_mel_distance(synthesize(t, "en-us").audio, a) if a.size else None for t, a in
            zip(texts, audios, strict=True)]
     asr_dir = args.asr_weights_dir or args.weights_dir
-    asr, asr_params = asr_engine(asr_dir, args.asr_delay_frames)
-    hyps = transcribe(asr, asr_params, [a if a.size else np.zeros(1920, np.float32) for a in audios])
+    asr, asr_params, prefix = asr_engine(asr_dir, args.asr_delay_frames)
+    hyps = transcribe(asr, asr_params, [a if a.size else np.zeros(1920, np.float32) for a in audios], prefix)
     w = Q.wer(texts, hyps)
     what = f"weights from {args.weights_dir}" if args.weights_dir else \
         "RANDOM tiny model (seed 0): the numbers are meaningless"
@@ -468,6 +472,10 @@ def machine_summary() -> dict:
     return info
 
 
+def _fmt_load(load) -> str:
+    return "n/a" if not load else "/".join(f"{x:.1f}" for x in load)
+
+
 def write_report(out: Path, args, sections: dict[str, Section], machine: dict, pngs: list[str]) -> Path:
     weights = f"`{args.weights_dir}`" if args.weights_dir else \
         "**none: seeded RANDOM weights** (latency is meaningful; quality / WER numbers are NOT)"
@@ -479,6 +487,8 @@ def write_report(out: Path, args, sections: dict[str, Section], machine: dict, p
              f"- machine: {machine['platform']}, {machine['cpu_count']} CPUs, JAX {machine['jax']} "
              f"({machine['backend']}: {', '.join(machine['devices'])}), torch {machine.get('torch', '-')} "
              f"({args.threads} threads for the reference)",
+             f"- load average (1/5/15 min) at start {_fmt_load(machine.get('loadavg_start'))}, at end "
+             f"{_fmt_load(machine.get('loadavg_end'))}: timings on a shared machine are noisy",
              f"- command: `python -m benchmarks.suite {' '.join(sys.argv[1:])}`", ""]
     titles = {"latency": "Engine latency and real-time capacity", "codec": "Codec quality (Mimi)",
               "asr": "Streaming ASR", "tts": "Streaming TTS"}
@@ -504,8 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights-dir", default=None, help="downloaded Kyutai repository (default: random weights)")
     p.add_argument("--asr-weights-dir", default=None, help="STT repository for the ASR section and the TTS judge "
                                                            "(default: --weights-dir)")
-    p.add_argument("--quick", action="store_true", help="fewer frames and utterances, configs tiny + bench_111m "
-                                                        "at batch 1 and 8 (unless given)")
+    p.add_argument("--quick", action="store_true", help="fewer timed frames (10) and utterances (3-4)")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--configs", nargs="+", default=None, help="latency configs (default tiny bench_111m)")
     p.add_argument("--batches", nargs="+", type=int, default=None, help="latency batch sizes (default 1 8 32)")
@@ -517,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="TTS audio delay in frames (default: the repo's tts_config, else 2)")
     args = p.parse_args(argv)
     args.configs = args.configs or ["tiny", "bench_111m"]
-    args.batches = args.batches or ([1, 8] if args.quick else [1, 8, 32])
+    args.batches = args.batches or [1, 8, 32]
     if any(b < 1 for b in args.batches):
         p.error("--batches must be >= 1")
     for d in (args.weights_dir, args.asr_weights_dir):
@@ -528,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_summary()
+    machine["loadavg_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     sections: dict[str, Section] = {}
     for name in args.sections:
         sec = Section(name)
@@ -543,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "results.json").write_text(json.dumps(
             {"machine": machine, "weights_dir": args.weights_dir, "quick": args.quick,
              "sections": {k: dataclasses.asdict(v) for k, v in sections.items()}}, indent=2, default=str))
+    machine["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     pngs = plots(out, sections)
     report = write_report(out, args, sections, machine, pngs)
     print(report.read_text())
