@@ -11,11 +11,12 @@ Design
 - One engine state of batch B = max_sessions. Each websocket client gets a free slot (batch row); free
   slots are inactive (the engine leaves them untouched). A slot is reset when a client joins it and when
   it leaves, so a conversation never sees its predecessor's KV cache / codec state.
-- One frame loop (a single task) owns the engine state. Every frame period (80 ms) it steps the engine
-  once for all slots that have a full 1920-sample input frame buffered (the others are inactive for that
-  step), and keeps stepping without sleeping while some slot still has a backlog (clients that send
-  faster than real time are drained as fast as the machine allows). The jitted step runs in a worker
-  thread, so the event loop keeps receiving audio meanwhile.
+- One frame loop (a single task) owns the engine state and steps the engine once per 80 ms frame for all
+  slots that have a full 1920-sample input frame (the others are inactive for that step). Batching: when
+  a client's frame is ready, the loop waits up to `batch_window_s` (one frame period) for the frames of the
+  other clients that are streaming, so in steady state one step serves everyone; clients with a backlog
+  (sending faster than real time) are stepped without waiting. The jitted step runs in a worker thread, so
+  the event loop keeps receiving audio meanwhile.
 - Per client: an Ogg/Opus decoder for its input, an encoder for its output, and a bounded send queue
   drained by its own task, so one slow reader cannot stall the others (it is closed when its queue fills).
 - Protocol errors (text frames, unknown kinds, bad Opus, ...) close only that connection, with a 0x05
@@ -39,6 +40,7 @@ from moshi_jax.engine import protocol as proto
 log = logging.getLogger("moshi_jax.server")
 
 CHAT_PATH = "/api/chat"
+STREAMING_S = 0.5  # a client that sent audio this recently is "streaming": a step waits for its frame
 
 
 @dataclasses.dataclass
@@ -64,6 +66,7 @@ class _Session:
         self.encoder = proto.OpusEncoder(sample_rate)
         self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=send_queue_frames)
         self.closed = False
+        self.last_audio = -1e9  # time.monotonic() of the last audio message
         self.frames_in = 0
         self.frames_out = 0
 
@@ -83,20 +86,21 @@ class ChatServer:
     active [B]) -> (state, out with pcm [B, frame], text_token [B], valid [B]), reset(state, mask [B]),
     text_piece(token) -> str | None, and mimi_cfg (frame_size, sample_rate)."""
 
-    def __init__(self, engine: Any, params: Any, *, max_sessions: int = 4, frame_period_s: float = 0.08,
-                 send_queue_frames: int = 256, step_history: int = 10_000):
+    def __init__(self, engine: Any, params: Any, *, max_sessions: int = 4, batch_window_s: float = 0.08,
+                 send_queue_frames: int = 256, max_backlog_frames: int = 1500, step_history: int = 10_000):
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
-        if frame_period_s < 0:
-            raise ValueError(f"frame_period_s must be >= 0, got {frame_period_s}")
+        if batch_window_s < 0:
+            raise ValueError(f"batch_window_s must be >= 0, got {batch_window_s}")
         self.engine, self.params = engine, params
         # the donating step reuses the state's buffers (no second copy of the KV caches per frame)
         self._step_fn = getattr(engine, "step_donated", engine.step)
         self.max_sessions = max_sessions
-        self.frame_period_s = frame_period_s
+        self.batch_window_s = batch_window_s
         self.frame_size = int(engine.mimi_cfg.frame_size)
         self.sample_rate = int(engine.mimi_cfg.sample_rate)
         self.send_queue_frames = send_queue_frames
+        self.max_backlog_frames = max_backlog_frames  # input buffered per client before it is cut off (2 min)
         self.stats = ServerStats()
         self._step_history = step_history
         self._sessions: dict[int, _Session] = {}  # slot -> session
@@ -136,44 +140,70 @@ class ChatServer:
         audio_valid = np.asarray(getattr(out, "audio_valid", valid))
         return np.asarray(out.pcm), np.asarray(out.text_token), valid, audio_valid
 
+    def _live(self) -> dict[int, _Session]:
+        return {slot: sess for slot, sess in self._sessions.items() if not sess.closed}
+
+    async def _wait_wake(self, timeout: float) -> None:
+        """Sleep until a client's audio arrives (or a join / leave / stop), at most `timeout` seconds."""
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, timeout))
+        except TimeoutError:
+            pass
+
+    async def _gather_batch(self) -> None:
+        """Some client has a frame: wait up to `batch_window_s` for the frames of the other clients that are
+        streaming (sent audio in the last STREAMING_S), so that one step serves them all. No waiting while a
+        client has a backlog (it catches up at the machine's speed)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_window_s
+        while not self._stopping and loop.time() < deadline:
+            live = self._live().values()
+            if any(sess.decoder.frames_ready >= 2 for sess in live):
+                return
+            now = time.monotonic()
+            if not any(not sess.decoder.frames_ready and now - sess.last_audio < STREAMING_S for sess in live):
+                return
+            await self._wait_wake(deadline - loop.time())
+
     async def _frame_loop(self) -> None:
         loop = asyncio.get_running_loop()
         B = self.max_sessions
-        next_tick = loop.time()
         while not self._stopping:
-            sessions = {s: sess for s, sess in self._sessions.items() if not sess.closed}
+            if not any(sess.decoder.frames_ready for sess in self._live().values()):
+                if self._dirty.any():  # joins / leaves with no audio to process: reset those slots now
+                    await loop.run_in_executor(self._executor, self._run_step, None, np.zeros(B, bool),
+                                               self._take_dirty())
+                await self._wait_wake(0.5)
+                continue
+            await self._gather_batch()
+            sessions = self._live()
             active = np.zeros(B, bool)
             pcm = np.zeros((B, self.frame_size), np.float32)
             for slot, sess in sessions.items():
                 frame = sess.decoder.pop_frame()
                 if frame is not None:
                     pcm[slot], active[slot] = frame, True
-            reset_mask, self._dirty = self._dirty, np.zeros(B, bool)
-            if active.any() or reset_mask.any():
-                t0 = time.perf_counter()
-                try:
-                    result = await loop.run_in_executor(self._executor, self._run_step, pcm, active, reset_mask)
-                except Exception as e:  # an engine failure ends these conversations, not the server
-                    log.exception("engine step failed; closing the %d active session(s)", len(sessions))
-                    for sess in sessions.values():
-                        await self._close(sess, proto.CLOSE_INTERNAL_ERROR, f"engine error: {type(e).__name__}")
-                    # the state may be half-donated: rebuild it (compiled functions are cached, so this is quick)
-                    await loop.run_in_executor(self._executor, self.warmup)
-                    self._dirty[:] = False
-                    continue
-                if result is not None:
-                    self._record_step(time.perf_counter() - t0, int(active.sum()))
-                    self._dispatch(sessions, active, *result)
-            backlog = any(sess.decoder.frames_ready for sess in self._sessions.values() if not sess.closed)
-            if backlog:
-                await asyncio.sleep(0)  # let receivers / senders run, then drain the backlog
+            reset_mask = self._take_dirty()
+            t0 = time.perf_counter()
+            try:
+                result = await loop.run_in_executor(self._executor, self._run_step, pcm, active, reset_mask)
+            except Exception as e:  # an engine failure ends these conversations, not the server
+                log.exception("engine step failed; closing the %d active session(s)", len(sessions))
+                for sess in sessions.values():
+                    await self._close(sess, proto.CLOSE_INTERNAL_ERROR, f"engine error: {type(e).__name__}")
+                # the state may be half-donated: rebuild it (compiled functions are cached, so this is quick)
+                await loop.run_in_executor(self._executor, self.warmup)
+                self._take_dirty()
                 continue
-            next_tick = max(next_tick + self.frame_period_s, loop.time())
-            self._wake.clear()
-            try:  # sleep until the next tick; a new client frame only matters at the tick (batching)
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, next_tick - loop.time()))
-            except TimeoutError:
-                pass
+            if result is not None:
+                self._record_step(time.perf_counter() - t0, int(active.sum()))
+                self._dispatch(sessions, active, *result)
+            await asyncio.sleep(0)  # let receivers and senders run between steps
+
+    def _take_dirty(self) -> np.ndarray:
+        mask, self._dirty = self._dirty, np.zeros(self.max_sessions, bool)
+        return mask
 
     def _record_step(self, seconds: float, batch: int) -> None:
         self.stats.steps += 1
@@ -251,8 +281,12 @@ class ChatServer:
     def _handle_message(self, sess: _Session, data: bytes | str) -> None:
         msg = proto.parse_client_message(data)
         if msg.kind == proto.Kind.AUDIO:
+            sess.last_audio = time.monotonic()
             sess.decoder.feed(msg.payload)
-            if sess.decoder.frames_ready and self._wake is not None:
+            if sess.decoder.frames_ready > self.max_backlog_frames:
+                raise proto.ProtocolError(proto.CLOSE_POLICY, f"audio arrives faster than it is processed: over "
+                                                              f"{self.max_backlog_frames} frames buffered")
+            if self._wake is not None:
                 self._wake.set()
         elif msg.kind == proto.Kind.CONTROL and msg.control == proto.Control.RESTART:
             self._dirty[sess.slot] = True  # new conversation on the same connection

@@ -96,9 +96,9 @@ async def _send_audio(ws, audio: np.ndarray, frames: int, period_s: float = 0.08
         await asyncio.sleep(period_s)
 
 
-async def _run_with_server(engine_and_params, scenario, max_sessions: int = MAX_SESSIONS):
+async def _run_with_server(engine_and_params, scenario, max_sessions: int = MAX_SESSIONS, **server_kw):
     engine, params = engine_and_params
-    server = ChatServer(engine, params, max_sessions=max_sessions, frame_period_s=0.08)
+    server = ChatServer(engine, params, max_sessions=max_sessions, batch_window_s=0.08, **server_kw)
     try:
         port = await server.start("127.0.0.1", 0)
         url = f"http://127.0.0.1:{port}{CHAT_PATH}"
@@ -275,8 +275,8 @@ def test_server_rejects_bad_settings():
 
     with pytest.raises(ValueError, match="max_sessions must be >= 1"):
         ChatServer(NoEngine(), None, max_sessions=0)
-    with pytest.raises(ValueError, match="frame_period_s must be >= 0"):
-        ChatServer(NoEngine(), None, frame_period_s=-1)
+    with pytest.raises(ValueError, match="batch_window_s must be >= 0"):
+        ChatServer(NoEngine(), None, batch_window_s=-1)
 
 
 class _FailingOnce:
@@ -324,3 +324,20 @@ def test_an_engine_failure_closes_its_sessions_with_1011_and_the_server_keeps_se
     lg, lg2 = _run((failing, params), scenario)
     assert lg.close_code == P.CLOSE_INTERNAL_ERROR and "engine error: RuntimeError" in lg.close_reason
     assert lg2.first == b"\x00" and lg2.audio_msgs == 2
+
+
+def test_a_client_buffering_more_audio_than_allowed_is_closed_with_1008(engine_and_params, speech):
+    async def scenario(server, session, url):
+        ws = await session.ws_connect(url)
+        lg = ClientLog()
+        reader = asyncio.ensure_future(_reader(ws, lg, None))
+        await _wait_for(lambda: lg.first is not None, "the handshake")
+        try:
+            await _send_audio(ws, speech[0], 3, period_s=0.0)
+        except ConnectionResetError:
+            pass
+        await asyncio.wait_for(reader, TIMEOUT)
+        return lg
+
+    lg = _run(engine_and_params, scenario, max_backlog_frames=0)  # any buffered frame is too much
+    assert lg.close_code == P.CLOSE_POLICY and "faster than it is processed" in lg.close_reason
