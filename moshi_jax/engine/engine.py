@@ -180,16 +180,16 @@ def random_lm_params(cfg: LMConfig, seed: int) -> Params:
     def fill(path, leaf):
         name = jax.tree_util.keystr(path)
         if "alpha" in name or "'scale'" in name:
-            x = np.ones(leaf.shape)
+            x = np.ones(leaf.shape, np.float32)
         elif "emb" in name and "depformer_in" not in name:
-            x = r.standard_normal(leaf.shape)
+            x = r.standard_normal(leaf.shape, np.float32)
         elif "'bias'" in name:
-            x = np.zeros(leaf.shape)
+            x = np.zeros(leaf.shape, np.float32)
         else:
             fan = ddim if ("depformer" in name or "linears" in name) and "depformer_in" not in name else dim
             if "linear_out" in name:
                 fan = leaf.shape[-2]
-            x = r.standard_normal(leaf.shape) / np.sqrt(fan)
+            x = r.standard_normal(leaf.shape, np.float32) / np.float32(np.sqrt(fan))
         return jnp.asarray(x, dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
