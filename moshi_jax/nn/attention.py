@@ -67,7 +67,8 @@ class Attention(nn.Module):
     """`__call__(x [B, T, d], positions [B, T], cache, step_index) -> (y [B, T, d], cache)`.
 
     Without a cache, attends within `x` (training / one-shot). With a `KVCache`, writes this chunk's
-    keys and values into the ring first, then attends over the ring (streaming)."""
+    keys and values into the ring first, then attends over the ring (streaming); with `layer`, the cache
+    holds all layers stacked and only that layer's ring is used."""
 
     dim: int
     num_heads: int
@@ -81,7 +82,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, cache: kvc.KVCache | None = None,
-                 step_index: Array | None = None) -> tuple[Array, kvc.KVCache | None]:
+                 step_index: Array | None = None, layer: Array | None = None) -> tuple[Array, kvc.KVCache | None]:
         H = self.num_heads
         Dh = self.dim // H
         w_in = per_step_param(self, "in_proj", (self.dim, 3, H, Dh), ("embed", "qkv", "heads", "head_dim"),
@@ -93,11 +94,10 @@ class Attention(nn.Module):
         if self.rope != "none":
             q, k = apply_rope(q, k, positions, self.max_period, interleave=self.rope == "rope")
         if cache is None:
-            k_all, v_all, k_pos = k, v, positions
-        else:
-            cache = kvc.write(cache, k, v, positions)
-            k_all, v_all, k_pos = cache.keys.astype(self.dtype), cache.values.astype(self.dtype), cache.positions
-        out = dot_attention(q, k_all, v_all, positions, k_pos, self.causal, self.context)
+            out = dot_attention(q, k, v, positions, positions, self.causal, self.context)
+        else:  # `layer`: the cache is the whole stack [L, ...], updated in place at that layer
+            cache = kvc.write(cache, k, v, positions, layer)
+            out = kvc.attend(q, cache, positions, self.causal, self.context, layer)
         y = apply_kernel("bthk,hkd->btd", out, w_out.astype(self.dtype), step_index)
         return y, cache
 

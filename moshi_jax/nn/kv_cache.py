@@ -2,27 +2,34 @@
 
 Keys are stored already rotated (RoPE is applied before the write). A slot that was never written
 has position -1 and is masked out, so a reset only needs to clear positions and offsets.
+
+Layout `[B, H, C, D]` (the reference's): attention reads each head's `[C, D]` block contiguously. With
+`layer` given, the leaves are stacked over layers `[L, ...]` and only that layer is written / read, so a
+layer loop can carry the whole stack and update it in place (no per-layer copies of the ring).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 Array = jax.Array
+_CHUNK = 512  # attention walks the ring in chunks of at most this many slots (see `attend`)
 
 
 @struct.dataclass
 class KVCache:
-    keys: Array  # [B, C, H, D]
-    values: Array  # [B, C, H, D]
+    keys: Array  # [B, H, C, D] (stacked: [L, B, H, C, D])
+    values: Array  # [B, H, C, D]
     positions: Array  # [B, C] int32 absolute position held by each slot, -1 if empty
 
 
 def init_kv_cache(batch_size: int, capacity: int, num_heads: int, head_dim: int,
                   dtype: jnp.dtype = jnp.float32) -> KVCache:
-    shape = (batch_size, capacity, num_heads, head_dim)
+    shape = (batch_size, num_heads, capacity, head_dim)
     return KVCache(
         keys=jnp.zeros(shape, dtype),
         values=jnp.zeros(shape, dtype),
@@ -30,16 +37,87 @@ def init_kv_cache(batch_size: int, capacity: int, num_heads: int, head_dim: int,
     )
 
 
-def write(cache: KVCache, k: Array, v: Array, positions: Array) -> KVCache:
+def write(cache: KVCache, k: Array, v: Array, positions: Array, layer: Array | None = None) -> KVCache:
     """Write `T` new entries (`k`, `v` `[B, T, H, D]` at absolute `positions` `[B, T]`) into their
-    slots `position % capacity`. All `T` entries are written before anyone attends, as in the
-    reference: with `T > 1` and a full ring the first query of the chunk loses its oldest key."""
+    slots `position % capacity` (of layer `layer` when the cache is stacked). All `T` entries are written
+    before anyone attends, as in the reference: with `T > 1` and a full ring the first query of the chunk
+    loses its oldest key."""
     B = k.shape[0]
-    capacity = cache.keys.shape[1]
+    capacity = cache.positions.shape[-1]
     slots = positions % capacity
     b = jnp.arange(B)[:, None]
+    idx = (b, slice(None), slots) if layer is None else (layer, b, slice(None), slots)
+    pidx = (b, slots) if layer is None else (layer, b, slots)
+    # advanced indices around a slice: the update's dims are [B, T] then [H, D], i.e. k's own layout
     return KVCache(
-        keys=cache.keys.at[b, slots].set(k.astype(cache.keys.dtype)),
-        values=cache.values.at[b, slots].set(v.astype(cache.values.dtype)),
-        positions=cache.positions.at[b, slots].set(positions.astype(jnp.int32)),
+        keys=cache.keys.at[idx].set(k.astype(cache.keys.dtype)),
+        values=cache.values.at[idx].set(v.astype(cache.values.dtype)),
+        positions=cache.positions.at[pidx].set(positions.astype(jnp.int32)),
     )
+
+
+def _chunk_size(capacity: int, max_chunk: int = _CHUNK) -> int:
+    """Largest divisor of `capacity` that is <= max_chunk (the ring is walked in equal chunks)."""
+    for s in range(min(capacity, max_chunk), 0, -1):
+        if capacity % s == 0:
+            return s
+    return capacity
+
+
+def attend(q: Array, cache: KVCache, q_pos: Array, causal: bool, context: int | None,
+           layer: Array | None = None, max_chunk: int = _CHUNK) -> Array:
+    """Attention of q `[B, T, H, D]` at absolute positions `q_pos` `[B, T]` over the ring (after `write`)
+    -> `[B, T, H, D]`. Key slot valid iff its position >= 0 and (causal) 0 <= q_pos - pos < context.
+
+    The ring is read in chunks with an online softmax, and only the chunks that can hold a written slot
+    are visited (slots fill from 0 up: positions p <= max(q_pos) live in slots <= p while the ring is not
+    full), so the cost grows with the stream's length up to the capacity instead of always paying for
+    the whole ring. Scores and softmax in float32."""
+    B, T, H, D = q.shape
+    C = cache.positions.shape[-1]
+    S = _chunk_size(C, max_chunk)
+    n_total = C // S
+    scale = 1.0 / math.sqrt(D)
+    dtype = q.dtype
+
+    def chunk(i):
+        start = i * S
+        if layer is None:
+            ks = jax.lax.dynamic_slice_in_dim(cache.keys, start, S, axis=2)
+            vs = jax.lax.dynamic_slice_in_dim(cache.values, start, S, axis=2)
+            kp = jax.lax.dynamic_slice_in_dim(cache.positions, start, S, axis=1)
+        else:
+            ks = jax.lax.dynamic_slice(cache.keys, (layer, 0, 0, start, 0), (1, B, H, S, D))[0]
+            vs = jax.lax.dynamic_slice(cache.values, (layer, 0, 0, start, 0), (1, B, H, S, D))[0]
+            kp = jax.lax.dynamic_slice(cache.positions, (layer, 0, start), (1, B, S))[0]
+        s = jnp.einsum("bthd,bhsd->bhts", q, ks.astype(dtype), preferred_element_type=jnp.float32) * scale
+        valid = (kp >= 0)[:, None, :]  # [B, 1, S]
+        if causal:
+            delta = q_pos[:, :, None] - kp[:, None, :]  # [B, T, S]
+            valid = valid & (delta >= 0)
+            if context is not None:
+                valid = valid & (delta < context)
+        return jnp.where(valid[:, None], s, -jnp.inf), vs.astype(dtype)
+
+    def accumulate(i, carry):
+        m, den, acc = carry  # running max [B, H, T], denominator [B, H, T], numerator [B, H, T, D] (float32)
+        s, vs = chunk(i)
+        m_new = jnp.maximum(m, s.max(-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # a row with nothing valid yet
+        p = jnp.exp(s - m_safe[..., None])
+        corr = jnp.exp(m - m_safe)
+        den = den * corr + p.sum(-1)
+        acc = acc * corr[..., None] + jnp.einsum("bhts,bhsd->bhtd", p.astype(dtype), vs,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, den, acc
+
+    init = (jnp.full((B, H, T), -jnp.inf, jnp.float32), jnp.zeros((B, H, T), jnp.float32),
+            jnp.zeros((B, H, T, D), jnp.float32))
+    if n_total == 1:
+        _, den, acc = accumulate(0, init)
+    else:
+        last = jnp.max(q_pos)
+        n = jnp.clip(jnp.where(last >= C - 1, n_total, last // S + 1), 1, n_total)
+        _, den, acc = jax.lax.fori_loop(0, n, accumulate, init)
+    out = acc / jnp.where(den > 0, den, 1.0)[..., None]
+    return out.transpose(0, 2, 1, 3).astype(dtype)

@@ -94,8 +94,9 @@ class TransformerLayer(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x: Array, cache: kvc.KVCache | None, positions: Array, step_index: Array | None
-                 ) -> tuple[Array, kvc.KVCache | None]:
+    def __call__(self, x: Array, cache: kvc.KVCache | None, positions: Array, step_index: Array | None,
+                 layer: Array | None = None) -> tuple[Array, kvc.KVCache | None]:
+        """`layer`: `cache` holds every layer's ring stacked `[L, ...]`; this layer uses entry `layer`."""
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         rope = cfg.positional_embedding if cfg.positional_embedding in ("rope", "rope_concat") else "none"
@@ -103,7 +104,7 @@ class TransformerLayer(nn.Module):
             rope = "rope"
         h = Norm(cfg.norm, cfg.d_model, pdtype, name="norm1")(x)
         h, cache = Attention(cfg.d_model, cfg.num_heads, cfg.causal, cfg.context, rope, cfg.max_period,
-                             cfg.mult, dtype, pdtype, name="self_attn")(h, positions, cache, step_index)
+                             cfg.mult, dtype, pdtype, name="self_attn")(h, positions, cache, step_index, layer)
         x = x.astype(h.dtype) + self._scale(h, "layer_scale_1")
         h = Norm(cfg.norm, cfg.d_model, pdtype, name="norm2")(x)
         h = MLP(cfg.d_model, cfg.dim_feedforward, cfg.gating, cfg.activation, cfg.mult, dtype, pdtype,
@@ -147,19 +148,37 @@ class Transformer(nn.Module):
             if cfg.weights_per_step_schedule:
                 step_index = jnp.asarray(cfg.weights_per_step_schedule, jnp.int32)[step_index]
 
-        layer_cls = TransformerLayer
-        if cfg.remat != "none":
-            layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        stack = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="layers")
-        caches = None if state is None else state.layers
-        x, caches = stack(x, caches, positions, step_index)
+        if state is None:
+            layer_cls = TransformerLayer
+            if cfg.remat != "none":
+                layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            stack = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+            x, _ = stack(x, None, positions, step_index)
+        else:
+            # Streaming: the stacked KV rings ride in the scan carry and each layer updates its own entry
+            # in place. (Scanning them as xs/ys would copy every layer's whole ring in and out per step.)
+            def body(layer_mod: TransformerLayer, carry, layer):
+                h, caches = carry
+                h, caches = layer_mod(h, caches, positions, step_index, layer)
+                return (h, caches), None
+
+            stack = nn.scan(
+                body,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=0,
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            (x, caches), _ = stack(TransformerLayer(cfg, name="layers"), (x, state.layers),
+                                   jnp.arange(cfg.num_layers, dtype=jnp.int32))
         x = x.astype(in_dtype)
         if state is None:
             return x, None

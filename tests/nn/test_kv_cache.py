@@ -1,0 +1,59 @@
+"""KV ring: writes land at position % capacity, and the chunked online-softmax attention over the ring (which
+skips chunks that cannot hold a key yet) equals plain masked attention over the whole ring."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moshi_jax.nn import kv_cache as kvc
+from moshi_jax.nn.attention import dot_attention
+
+B, H, C, D = 3, 2, 12, 8
+
+
+def _filled_ring(steps: list[int], seed: int = 0) -> kvc.KVCache:
+    """A ring where item b has written positions 0..steps[b]-1, one step at a time (keys wrap past C)."""
+    r = np.random.default_rng(seed)
+    cache = kvc.init_kv_cache(B, C, H, D)
+    for t in range(max(steps)):
+        k = jnp.asarray(r.standard_normal((B, 1, H, D)), jnp.float32)
+        v = jnp.asarray(r.standard_normal((B, 1, H, D)), jnp.float32)
+        new = kvc.write(cache, k, v, jnp.full((B, 1), t, jnp.int32))
+        active = jnp.asarray([t < s for s in steps])
+        cache = jax.tree.map(lambda n, o, a=active: jnp.where(a.reshape((B,) + (1,) * (n.ndim - 1)), n, o), new, cache)
+    return cache
+
+
+def _plain(q, cache, q_pos, causal, context):
+    """Masked softmax attention over every slot (the reference's way), layout [B, C, H, D]."""
+    k = cache.keys.transpose(0, 2, 1, 3)
+    v = cache.values.transpose(0, 2, 1, 3)
+    return dot_attention(q, k, v, q_pos, cache.positions, causal, context)
+
+
+@pytest.mark.parametrize("steps", [[1, 5, 3], [7, 12, 2], [30, 13, 4]])
+@pytest.mark.parametrize("max_chunk,context", [(4, 12), (3, 5), (12, None), (5, 7)])
+def test_chunked_attention_equals_plain_masked_attention(steps, max_chunk, context):
+    cache = _filled_ring(steps)
+    q = jnp.asarray(np.random.default_rng(1).standard_normal((B, 1, H, D)), jnp.float32)
+    q_pos = jnp.asarray([[s - 1] for s in steps], jnp.int32)  # each item queries at its last written position
+    got = kvc.attend(q, cache, q_pos, True, context, max_chunk=max_chunk)
+    want = _plain(q, cache, q_pos, True, context)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_writes_go_to_position_modulo_capacity_in_the_stacked_layer():
+    L = 2
+    one = kvc.init_kv_cache(B, C, H, D)
+    stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (L,) + a.shape), one)
+    k = jnp.ones((B, 2, H, D))
+    pos = jnp.asarray([[12, 13], [0, 1], [22, 23]], jnp.int32)
+    out = kvc.write(stacked, k, 2 * k, pos, layer=jnp.int32(1))
+    np.testing.assert_array_equal(out.positions[0], -1)  # the other layer is untouched
+    np.testing.assert_array_equal(out.positions[1][0, :2], [12, 13])
+    np.testing.assert_array_equal(out.positions[1][2, 10:], [22, 23])
+    assert float(out.keys[1, 2, :, 11].min()) == 1.0 and float(out.values[1, 2, :, 10].min()) == 2.0
+    assert float(jnp.abs(out.keys[1, 1, :, 2:]).max()) == 0.0
