@@ -55,6 +55,7 @@ from moshi_jax.lm.config import LMConfig
 from moshi_jax.mimi.config import MimiConfig
 from moshi_jax.mimi.model import MimiCodec, MimiState
 from moshi_jax.mimi.model import reset_state as mimi_reset_state
+from moshi_jax.mimi.transformer import RingCache
 from moshi_jax.nn.kv_cache import KVCache
 from moshi_jax.nn.sampling import SamplingConfig
 
@@ -65,6 +66,7 @@ MODES = ("dialogue", "asr", "tts")
 PRESETS = ("tiny", "bench_111m", "moshi_7b")
 SERVER_SEED = 42424242  # reference server.py seed
 STALE_OK = -2  # `_batch_axes` code: a leaf that a masked-out item may leave stale (KV ring data)
+_RINGS = (KVCache, RingCache)  # KV rings that write a step's slots (position % capacity) before attending
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +150,8 @@ def _batch_axes(make_state, batch_size: int = 2):
     # KV ring data: a paused / undecoded step wrote only the slots of positions offset.. (its restored offset),
     # and the next real step rewrites exactly those slots before attending, so the stale values are never read.
     # Restoring positions and offsets is enough, and skips a copy of every KV cache per step.
-    return jax.tree.map(lambda n: n.replace(keys=STALE_OK, values=STALE_OK) if isinstance(n, KVCache) else n,
-                        axes, is_leaf=lambda n: isinstance(n, KVCache))
+    return jax.tree.map(lambda n: n.replace(keys=STALE_OK, values=STALE_OK) if isinstance(n, _RINGS) else n,
+                        axes, is_leaf=lambda n: isinstance(n, _RINGS))
 
 
 def _select(mask: Array, new, old, axes):
