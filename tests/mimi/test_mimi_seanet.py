@@ -1,11 +1,11 @@
 """Every streaming conv layer Mimi uses is causal (appending input never changes earlier outputs) and
 streaming it in chunks equals one-shot; same for the SEANet residual block, encoder and decoder."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mimi_helpers import random_params
 
 from moshi_jax.mimi.config import MimiConfig
 from moshi_jax.mimi.seanet import ResBlock, SEANetDecoder, SEANetEncoder, init_decoder_state, init_encoder_state
@@ -42,12 +42,7 @@ LAYERS = {
 def _setup(name, steps=6, batch=2):
     module, fresh, cin, step_in, _ = LAYERS[name]
     x = jax.random.normal(jax.random.PRNGKey(1), (batch, steps * step_in, cin))
-    # Random params filled on the host (a traced init compiles one threefry per parameter: slow on CPU).
-    shapes = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), x[:, :step_in], fresh(batch)))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(  # fan-in scaled, so activations stay O(1) through the stack
-        lambda s: jnp.asarray(rng.uniform(-1, 1, s.shape) / np.sqrt(max(1, s.size // s.shape[-1])), jnp.float32),
-        shapes)
+    params = random_params(module, x[:, :step_in], fresh(batch))
     return module, fresh, params, x, step_in
 
 
