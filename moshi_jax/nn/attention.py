@@ -29,14 +29,20 @@ def per_step_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: t
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-def apply_kernel(spec: str, x: Array, kernel: Array, step_index: Array | None) -> Array:
+def apply_kernel(spec: str, x: Array, kernel: Array, step_index: Array | None, dtype=None) -> Array:
     """`einsum(spec)` of x `[B, T, ...]` with a plain kernel, or with per-step kernels gathered at
-    `step_index` `[T]` (the kernel's leading axis)."""
+    `step_index` `[T]` (the kernel's leading axis); the kernel is cast to `dtype` after the gather."""
     if step_index is None:
-        return jnp.einsum(spec, x, kernel)
+        return jnp.einsum(spec, x, kernel if dtype is None else kernel.astype(dtype))
+    if step_index.shape[0] == 1:
+        # One position (streaming): slice this step's kernel and use a plain dot. A batched dot over a size-1
+        # step axis makes XLA (CPU) copy and transpose the step's weights first.
+        kernel = jax.lax.dynamic_index_in_dim(kernel, step_index[0], axis=0, keepdims=False)
+        return jnp.einsum(spec, x, kernel if dtype is None else kernel.astype(dtype))
     lhs, out = spec.split("->")
     xs, ks = lhs.split(",")
-    return jnp.einsum(f"{xs},t{ks}->{out}", x, kernel[step_index])
+    kernel = kernel[step_index]
+    return jnp.einsum(f"{xs},t{ks}->{out}", x, kernel if dtype is None else kernel.astype(dtype))
 
 
 def _stacked(init, mult: int):
@@ -89,7 +95,7 @@ class Attention(nn.Module):
                               self.weights_per_step, fan_in_normal(self.dim), self.param_dtype)
         w_out = per_step_param(self, "out_proj", (H, Dh, self.dim), ("heads", "head_dim", "embed"),
                                self.weights_per_step, fan_in_normal(self.dim), self.param_dtype)
-        qkv = apply_kernel("btd,dphk->btphk", x.astype(self.dtype), w_in.astype(self.dtype), step_index)
+        qkv = apply_kernel("btd,dphk->btphk", x.astype(self.dtype), w_in, step_index, self.dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.rope != "none":
             q, k = apply_rope(q, k, positions, self.max_period, interleave=self.rope == "rope")
@@ -98,7 +104,7 @@ class Attention(nn.Module):
         else:  # `layer`: the cache is the whole stack [L, ...], updated in place at that layer
             cache = kvc.write(cache, k, v, positions, layer)
             out = kvc.attend(q, cache, positions, self.causal, self.context, layer)
-        y = apply_kernel("bthk,hkd->btd", out, w_out.astype(self.dtype), step_index)
+        y = apply_kernel("bthk,hkd->btd", out, w_out, step_index, self.dtype)
         return y, cache
 
 

@@ -56,6 +56,6 @@ class MLP(nn.Module):
                               self.weights_per_step, fan_in_normal(self.dim), self.param_dtype)
         w_out = per_step_param(self, "linear_out", (hidden, self.dim), ("mlp", "embed"),
                                self.weights_per_step, fan_in_normal(hidden), self.param_dtype)
-        h = apply_kernel("btd,dgf->btgf", x, w_in.astype(self.dtype), step_index)
+        h = apply_kernel("btd,dgf->btgf", x, w_in, step_index, self.dtype)
         h = act(h[:, :, 0]) * h[:, :, 1]
-        return apply_kernel("btf,fd->btd", h, w_out.astype(self.dtype), step_index)
+        return apply_kernel("btf,fd->btd", h, w_out, step_index, self.dtype)
