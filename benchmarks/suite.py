@@ -139,6 +139,12 @@ def time_reference(engine, batch: int, warmup: int, iters: int, threads: int) ->
     return percentiles(times[warmup:])
 
 
+def calibrate_threads(engine) -> dict[int, float]:
+    """Median reference frame time (ms) with 1 thread and with all CPUs, a few frames each at batch 1."""
+    cands = sorted({1, os.cpu_count() or 1})
+    return {t: time_reference(engine, 1, 2, 5, t)["median_ms"] for t in cands}
+
+
 def realtime_sessions(rows: list[dict], key: str) -> dict:
     """From {batch, <key>: {median_ms, p99_ms}} rows: the largest batch with p99 <= 80 ms, and the throughput
     bound max_B B * 80 ms / median (conversations one machine can advance in real time, if batched)."""
@@ -153,8 +159,13 @@ def section_latency(args, sec: Section) -> None:
 
     warmup, iters = (3, 10) if args.quick else (5, 50)
     rows = []
+    calibration = None
     for preset in args.configs:
         engine, params = Engine.load(None, preset=preset, seed=0)
+        if args.threads is None and not args.no_reference:
+            calibration = calibrate_threads(engine)
+            args.threads = min(calibration, key=calibration.get)
+            log.info("reference threads: %d (calibration, median ms per frame: %s)", args.threads, calibration)
         n_lm = lm_model.param_count(params["lm"]) if hasattr(lm_model, "param_count") else None
         for B in args.batches:
             log.info("latency: %s batch %d (ours)", preset, B)
@@ -173,7 +184,8 @@ def section_latency(args, sec: Section) -> None:
         summary[preset] = {"ours": realtime_sessions(pr, "ours")}
         if any("ref" in r for r in pr):
             summary[preset]["ref"] = realtime_sessions(pr, "ref")
-    sec.data = {"rows": rows, "sessions": summary, "warmup": warmup, "frames": iters}
+    sec.data = {"rows": rows, "sessions": summary, "warmup": warmup, "frames": iters,
+                "reference_threads": args.threads, "thread_calibration_ms": calibration}
 
     md = [f"Per-frame wall time of one engine step for B conversations (Mimi encode + LM step + Mimi decode, "
           f"float32, {iters} frames after {warmup} warm-up frames; random weights: speed does not depend on "
@@ -184,7 +196,7 @@ def section_latency(args, sec: Section) -> None:
     for r in rows:
         o, f = r["ours"], r.get("ref")
         ref_cols = (f"{f['median_ms']:.1f} ms | {f['p99_ms']:.1f} ms | {f['median_ms'] / 80:.2f} | "
-                    f"{o['median_ms'] / f['median_ms']:.2f}x") if f else ("- | - | - | " + (
+                    f"{o['median_ms'] / f['median_ms']:.3g}x") if f else ("- | - | - | " + (
                         "error" if "ref_error" in r else "-"))
         md.append(f"| {r['config']} | {r['batch']} | {o['median_ms']:.1f} ms | {o['p99_ms']:.1f} ms | "
                   f"{o['median_ms'] / 80:.2f} | {o['compile_s']:.1f} s | {ref_cols} |")
@@ -199,6 +211,9 @@ def section_latency(args, sec: Section) -> None:
                      else "- | - |"))
     errs = [f"- {r['config']} batch {r['batch']}: reference failed: {r['ref_error']}" for r in rows
             if "ref_error" in r]
+    if calibration:
+        md += ["", f"Reference run with {args.threads} torch thread(s): calibration at batch 1, median ms per "
+                   f"frame by thread count: {', '.join(f'{k}: {v:.1f}' for k, v in calibration.items())}."]
     sec.markdown = "\n".join(md + ([""] + errs if errs else []))
 
 
@@ -246,7 +261,7 @@ def section_codec(args, sec: Section) -> None:
 
             from moshi_jax.mimi import checkpoint as mimi_ckpt
 
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(args.threads or 1)
             if ref_sd is None:
                 from moshi_jax.lm.checkpoint import read_repo
 
@@ -486,7 +501,7 @@ def write_report(out: Path, args, sections: dict[str, Section], machine: dict, p
              f"- mode: {'--quick' if args.quick else 'full'}; sections: {', '.join(args.sections)}",
              f"- machine: {machine['platform']}, {machine['cpu_count']} CPUs, JAX {machine['jax']} "
              f"({machine['backend']}: {', '.join(machine['devices'])}), torch {machine.get('torch', '-')} "
-             f"({args.threads} threads for the reference)",
+             f"({args.threads or '-'} threads for the reference)",
              f"- load average (1/5/15 min) at start {_fmt_load(machine.get('loadavg_start'))}, at end "
              f"{_fmt_load(machine.get('loadavg_end'))}: timings on a shared machine are noisy",
              f"- command: `python -m benchmarks.suite {' '.join(sys.argv[1:])}`", ""]
@@ -519,7 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", default=None, help="latency configs (default tiny bench_111m)")
     p.add_argument("--batches", nargs="+", type=int, default=None, help="latency batch sizes (default 1 8 32)")
     p.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference measurements")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (reference)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the reference (default: auto, the faster of 1 and all CPUs on a short "
+                        "calibration; on a loaded machine extra threads can make PyTorch 50x slower)")
     p.add_argument("--asr-delay-frames", type=int, default=None,
                    help="ASR text delay in frames (default: the repo's stt_config, else 2)")
     p.add_argument("--tts-delay-frames", type=int, default=None,
