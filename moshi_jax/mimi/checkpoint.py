@@ -246,11 +246,11 @@ def to_reference_state_dict(params: Params, cfg: MimiConfig | None = None) -> di
         raise ValueError(f"params do not match this Mimi config: {', '.join(wrong[:12])}")
     out: dict[str, np.ndarray] = {}
     for e in _entries(cfg):
-        out[e.key] = np.ascontiguousarray(e.to_ref(flat[e.path]), np.float32)
+        out[e.key] = np.array(e.to_ref(flat[e.path]), np.float32, order="C")  # own, writable copy
     for prefix, path in _codebook_levels(cfg):
         out[f"{prefix}._initialized"] = np.ones((1,), np.float32)
         out[f"{prefix}.cluster_usage"] = np.ones((cfg.bins,), np.float32)
-        out[f"{prefix}.embedding_sum"] = np.ascontiguousarray(flat[path], np.float32)
+        out[f"{prefix}.embedding_sum"] = np.array(flat[path], np.float32, order="C")
     return out
 
 
