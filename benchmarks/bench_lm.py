@@ -28,8 +28,9 @@ def _full_ring_state(state, cfg):
     slots = jnp.arange(C)
     pos = (n - 1) - ((n - 1 - slots) % C)  # the latest position p <= n - 1 with p % C == slot
     layers = state.temporal.layers.replace(positions=jnp.broadcast_to(pos, state.temporal.layers.positions.shape))
-    offsets = jnp.full_like(state.offsets, n)
-    return state.replace(temporal=state.temporal.replace(offset=offsets, layers=layers), offsets=offsets,
+    # two distinct buffers: the step donates its state, and a buffer cannot be donated twice
+    temporal = state.temporal.replace(offset=jnp.full_like(state.offsets, n), layers=layers)
+    return state.replace(temporal=temporal, offsets=jnp.full_like(state.offsets, n),
                          cache=jnp.zeros_like(state.cache))
 
 

@@ -7,6 +7,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -219,3 +220,27 @@ def test_lmgen_wrapper_returns_none_first_then_aligned_frames(cfg, params):
     gen.reset(np.array([False, True]))
     frame = gen.step(user[:, :, 0])
     assert (frame[1] == -2).all() and (frame[0] >= 0).all()
+
+
+def test_bf16_generation_stays_close_to_float32(cfg, params):
+    """bf16 weights, activations and KV cache (logits, softmax and sampling stay float32): teacher-forced so
+    both see the same tokens; the logit drift is reported and bounded."""
+    T = 14  # the teacher-forced test's shapes: the float32 run is already compiled
+    codes = _random_codes(cfg, B, T, seed=11)
+    tf = G.teacher_forcing_inputs(cfg, codes)
+    cfg16 = cfg.with_dtypes("bfloat16", "bfloat16")
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    outs = {}
+    for name, c, p in (("f32", cfg, params), ("bf16", cfg16, params16)):
+        state = G.init_gen_state(c, B)
+        _, outs[name] = G.run(p, state, tf["user_codes"], None, cfg=c, sampling=GREEDY, forced_text=tf["forced_text"],
+                              forced_audio=tf["forced_audio"], return_logits=True)
+    assert G.init_gen_state(cfg16, B).temporal.layers.keys.dtype == jnp.bfloat16
+    assert outs["bf16"].text_logits.dtype == jnp.float32 and outs["bf16"].audio_logits.dtype == jnp.float32
+    # audio from call max_delay on: before that the acoustic tokens of "time -1" are sampled, not forced,
+    # so the two runs may pick different ones
+    drift = {"text": _rel_err(outs["bf16"].text_logits, outs["f32"].text_logits),
+             "audio": _rel_err(outs["bf16"].audio_logits[:, :, cfg.max_delay:],
+                               outs["f32"].audio_logits[:, :, cfg.max_delay:])}
+    print(f"bf16 vs float32 streaming logit drift (relative to max |logit|): {drift}")
+    assert 0 < drift["text"] < 0.05 and 0 < drift["audio"] < 0.05, drift
