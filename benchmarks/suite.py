@@ -190,7 +190,8 @@ def section_latency(args, sec: Section) -> None:
     md = [f"Per-frame wall time of one engine step for B conversations (Mimi encode + LM step + Mimi decode, "
           f"float32, {iters} frames after {warmup} warm-up frames; random weights: speed does not depend on "
           "them). Real-time factor = median / 80 ms (< 1 is faster than real time). Reference = PyTorch Mimi "
-          "streaming encode + `LMGen.step` + Mimi decode, same config and batch, same run.", "",
+          "streaming encode + `LMGen.step` + Mimi decode, same config and batch, same run. JAX uses XLA's CPU "
+          "thread pool (all cores); the reference uses the torch thread count given below.", "",
           "| config | batch | median | p99 | RTF | compile | ref median | ref p99 | ref RTF | ours / ref (median) |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -372,8 +373,13 @@ def section_asr(args, sec: Section) -> None:
           f"eSpeak NG utterances with known text. Model: **{what}**.", "",
           f"WER (jiwer, lower case, no punctuation): **{'n/a' if w is None else f'{w:.3f}'}**", "",
           "| reference text | transcript |", "|---|---|"]
-    md += [f"| {r} | {h[:120] or '(empty)'} |" for r, h in zip(refs, hyps, strict=True)][:4]
+    md += [f"| {_md_cell(r)} | {_md_cell(h[:120]) or '(empty)'} |" for r, h in zip(refs, hyps, strict=True)][:4]
     sec.markdown = "\n".join(md)
+
+
+def _md_cell(text: str) -> str:
+    """Text safe inside a markdown table cell (pieces like <407> would be read as HTML tags)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
 
 
 def synthesize_tts(engine, params, texts: list[str], max_frames: int) -> list[np.ndarray]:
