@@ -47,6 +47,7 @@ def speech():
 class ClientLog:
     first: bytes | None = None  # the first message (the handshake)
     audio_msgs: int = 0
+    ogg: list = dataclasses.field(default_factory=list)  # audio payloads as received
     pcm: list = dataclasses.field(default_factory=list)
     text: list = dataclasses.field(default_factory=list)
     errors: list = dataclasses.field(default_factory=list)  # 0x05 payloads
@@ -76,6 +77,7 @@ async def _reader(ws, log: ClientLog, want_audio: int | None) -> None:
         kind, payload = data[0], data[1:]
         if kind == P.Kind.AUDIO:
             log.audio_msgs += 1
+            log.ogg.append(payload)
             log.pcm.append(reader.append_bytes(payload))
         elif kind == P.Kind.TEXT:
             log.text.append(payload.decode("utf-8"))
@@ -85,15 +87,19 @@ async def _reader(ws, log: ClientLog, want_audio: int | None) -> None:
             raise AssertionError(f"unexpected message kind {kind}")
 
 
-async def _send_audio(ws, audio: np.ndarray, frames: int, period_s: float = 0.08) -> None:
-    """Send `frames` 80 ms frames of `audio` (zero padded) as Ogg/Opus, paced like a microphone."""
+async def _send_audio(ws, audio: np.ndarray, frames: int, period_s: float = 0.08) -> list[bytes]:
+    """Send `frames` 80 ms frames of `audio` (zero padded) as Ogg/Opus, paced like a microphone.
+    Returns the Ogg payloads sent."""
     writer = sphn.OpusStreamWriter(P.SAMPLE_RATE)
     audio = np.pad(audio, (0, max(0, frames * FRAME - audio.size)))
+    sent = []
     for i in range(frames):
         ogg = writer.append_pcm(audio[i * FRAME: (i + 1) * FRAME].astype(np.float32))
         if len(ogg):
             await ws.send_bytes(P.encode_audio(ogg))
+            sent.append(bytes(ogg))
         await asyncio.sleep(period_s)
+    return sent
 
 
 async def _run_with_server(engine_and_params, scenario, max_sessions: int = MAX_SESSIONS, **server_kw):
@@ -145,6 +151,59 @@ def test_concurrent_clients_get_handshake_then_audio_and_text_from_one_batched_e
         assert lg.samples >= (frames - 2) * FRAME  # Opus decoding may hold back a few ms at the end
         assert all(isinstance(t, str) and t for t in lg.text)
     assert sum(len(lg.text) for lg in logs) > 0  # the random model's text is mostly not PAD
+
+
+def test_the_server_sends_exactly_what_the_engine_computes_from_the_audio_it_received(engine_and_params, speech):
+    """End to end, bit for bit: the client's Opus -> the server's PCM frames -> the engine in the client's slot
+    -> Opus + text back. Replayed here by hand with the same engine, state history and Opus codec."""
+    engine, params = engine_and_params
+    frames = 6
+
+    async def scenario(server, session, url):
+        ws = await session.ws_connect(url)
+        lg = ClientLog()
+        reader = asyncio.ensure_future(_reader(ws, lg, frames - 1))
+        await _wait_for(lambda: lg.first is not None, "the handshake")
+        sent = await _send_audio(ws, speech[2], frames)
+        await asyncio.wait_for(reader, TIMEOUT)
+        try:  # the text piece of the last frame follows its audio
+            while True:
+                msg = await asyncio.wait_for(ws.receive(), 1.0)
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    break
+                assert msg.data[0] == P.Kind.TEXT
+                lg.text.append(msg.data[1:].decode())
+        except TimeoutError:
+            pass
+        await ws.close()
+        return sent, lg
+
+    sent, lg = _run(engine_and_params, scenario)
+
+    dec = P.OpusDecoder(FRAME)  # what the server decoded
+    for ogg in sent:
+        dec.feed(ogg)
+    pcm_in = [dec.pop_frame() for _ in range(dec.frames_ready)]
+    assert len(pcm_in) == frames
+
+    B = MAX_SESSIONS
+    mine = np.arange(B) == 0  # the first client gets slot 0
+    state = engine.reset(engine.init_state(B), np.ones(B, bool))  # the server's warm-up ...
+    state, _ = engine.step_donated(params, state, np.zeros((B, FRAME), np.float32), np.zeros(B, bool))
+    state = engine.reset(engine.reset(state, np.ones(B, bool)), mine)  # ... and the reset on join
+    enc = P.OpusEncoder()
+    want_ogg, want_text = [], []
+    for frame in pcm_in:
+        x = np.zeros((B, FRAME), np.float32)
+        x[0] = frame
+        state, out = engine.step_donated(params, state, x, mine)
+        if bool(out.audio_valid[0]):
+            want_ogg.append(enc.encode(np.asarray(out.pcm[0])))
+        piece = engine.text_piece(int(out.text_token[0])) if bool(out.valid[0]) else None
+        if piece:
+            want_text.append(piece)
+    assert b"".join(lg.ogg) == b"".join(want_ogg) and len(lg.ogg) == frames - 1
+    assert lg.text == want_text
 
 
 def test_clients_are_batched_into_shared_engine_steps(engine_and_params, speech):
