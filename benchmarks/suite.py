@@ -29,6 +29,7 @@ Mimi is used by the codec section; ASR uses `--asr-weights-dir` (an STT reposito
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import logging
@@ -443,6 +444,100 @@ def section_tts(args, sec: Section) -> None:
     sec.markdown = "\n".join(md)
 
 
+# ---------------------------------------------------------------------------------------------- server
+
+
+async def _serve_clients(engine, params, n_clients: int, n_frames: int) -> dict:
+    """`n_clients` loopback websocket clients stream `n_frames` of speech in real time (absolute 80 ms
+    schedule) to a ChatServer with max_sessions = n_clients; per output frame: receive time - send time of
+    the input frame it answers (output k answers input k + 1: the first input frame is dropped)."""
+    import aiohttp
+    import sphn
+
+    from moshi_jax.engine import protocol as P
+    from moshi_jax.engine.server import CHAT_PATH, ChatServer, latency_summary
+
+    server = ChatServer(engine, params, max_sessions=n_clients)
+    port = await server.start("127.0.0.1", 0)
+    pcm = speech_frames(n_frames, n_clients, engine.frame_size)
+    sent_at = np.full((n_clients, n_frames), np.nan)
+    recv_at = np.full((n_clients, n_frames), np.nan)
+    loop = asyncio.get_running_loop()
+    try:
+        async with aiohttp.ClientSession() as session:
+            wss = [await session.ws_connect(f"http://127.0.0.1:{port}{CHAT_PATH}") for _ in range(n_clients)]
+            for ws in wss:
+                assert (await asyncio.wait_for(ws.receive(), 30)).data == P.HANDSHAKE
+
+            async def reader(i, ws):
+                k = 0
+                while k < n_frames - 1:
+                    msg = await ws.receive()
+                    if msg.type != aiohttp.WSMsgType.BINARY:
+                        return
+                    if msg.data[0] == P.Kind.AUDIO:
+                        recv_at[i, k] = loop.time()
+                        k += 1
+
+            async def sender(i, ws, t0):
+                writer = sphn.OpusStreamWriter(P.SAMPLE_RATE)
+                for f in range(n_frames):
+                    await asyncio.sleep(max(0.0, t0 + f * FRAME_S - loop.time()))
+                    ogg = writer.append_pcm(pcm[f, i])
+                    sent_at[i, f] = loop.time()
+                    await ws.send_bytes(P.encode_audio(ogg))
+
+            t0 = loop.time() + 0.2
+            readers = [asyncio.ensure_future(reader(i, ws)) for i, ws in enumerate(wss)]
+            await asyncio.gather(*[sender(i, ws, t0) for i, ws in enumerate(wss)])
+            await asyncio.wait(readers, timeout=10.0)  # what has not arrived 10 s after the last frame is lost
+            for r in readers:
+                r.cancel()
+            for ws in wss:
+                await ws.close()
+        steps = latency_summary(server.stats.step_seconds)
+        max_batch = server.stats.max_batch
+    finally:
+        await server.stop()
+        server.close()
+    lat = (recv_at[:, : n_frames - 1] - sent_at[:, 1:]) * 1e3  # ms
+    got = np.isfinite(lat)
+    k = max(1, (n_frames - 1) // 5)
+    first, last = np.nanmedian(lat[:, :k]), np.nanmedian(lat[:, -k:])
+    return {"clients": n_clients, "frames": n_frames, "received_fraction": float(got.mean()),
+            "latency_median_ms": float(np.nanmedian(lat)), "latency_p99_ms": float(np.nanpercentile(lat, 99)),
+            "lag_growth_ms": float(last - first), "step_median_ms": steps.get("median_ms"),
+            "max_batch": max_batch,
+            "real_time": bool(got.mean() > 0.99 and last - first < FRAME_S * 1e3)}
+
+
+def section_server(args, sec: Section) -> None:
+    from moshi_jax.engine.engine import Engine
+
+    n_frames = 50 if args.quick else 250
+    rows = []
+    for preset in args.server_configs:
+        engine, params = Engine.load(None, preset=preset, seed=0)
+        for n in args.server_clients:
+            log.info("server: %s, %d clients", preset, n)
+            row = asyncio.run(_serve_clients(engine, params, n, n_frames))
+            row["config"] = preset
+            rows.append(row)
+    sec.data = {"rows": rows}
+    md = [f"`moshi-jax serve` end to end over loopback: N websocket clients (in the same process as the server) "
+          f"each stream {n_frames * FRAME_S:.0f} s of speech as Ogg/Opus on an absolute 80 ms schedule; latency = "
+          "time the answering audio frame arrives - time the input frame was sent (the server's batching window "
+          "and Opus included, the 80 ms the frame took to record not included). Real time = more than 99% of "
+          "the frames came back and the latency did not grow by a frame from the first to the last fifth.", "",
+          "| config | clients | real time | latency median | latency p99 | lag growth | frames back | "
+          "engine step median | max batch |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['config']} | {r['clients']} | {'yes' if r['real_time'] else 'NO'} | "
+                  f"{r['latency_median_ms']:.0f} ms | {r['latency_p99_ms']:.0f} ms | {r['lag_growth_ms']:.0f} ms | "
+                  f"{100 * r['received_fraction']:.0f}% | {r['step_median_ms'] or 0:.1f} ms | {r['max_batch']} |")
+    sec.markdown = "\n".join(md)
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -511,7 +606,8 @@ def write_report(out: Path, args, sections: dict[str, Section], machine: dict, p
              f"- load average (1/5/15 min) at start {_fmt_load(machine.get('loadavg_start'))}, at end "
              f"{_fmt_load(machine.get('loadavg_end'))}: timings on a shared machine are noisy",
              f"- command: `python -m benchmarks.suite {' '.join(sys.argv[1:])}`", ""]
-    titles = {"latency": "Engine latency and real-time capacity", "codec": "Codec quality (Mimi)",
+    titles = {"latency": "Engine latency and real-time capacity", "server": "Server: concurrent clients over "
+              "loopback", "codec": "Codec quality (Mimi)",
               "asr": "Streaming ASR", "tts": "Streaming TTS"}
     for name, sec in sections.items():
         lines += [f"## {titles.get(name, name)}", ""]
@@ -526,7 +622,8 @@ def write_report(out: Path, args, sections: dict[str, Section], machine: dict, p
     return path
 
 
-SECTIONS = {"latency": section_latency, "codec": section_codec, "asr": section_asr, "tts": section_tts}
+SECTIONS = {"latency": section_latency, "server": section_server, "codec": section_codec, "asr": section_asr,
+            "tts": section_tts}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--configs", nargs="+", default=None, help="latency configs (default tiny bench_111m)")
     p.add_argument("--batches", nargs="+", type=int, default=None, help="latency batch sizes (default 1 8 32)")
+    p.add_argument("--server-configs", nargs="+", default=["tiny"], help="configs of the server section")
+    p.add_argument("--server-clients", nargs="+", type=int, default=None,
+                   help="concurrent clients of the server section (default 1 8 32)")
     p.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference measurements")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the reference (default: auto, the faster of 1 and all CPUs on a short "
@@ -550,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.configs = args.configs or ["tiny", "bench_111m"]
     args.batches = args.batches or [1, 8, 32]
+    args.server_clients = args.server_clients or [1, 8, 32]
     if any(b < 1 for b in args.batches):
         p.error("--batches must be >= 1")
     for d in (args.weights_dir, args.asr_weights_dir):
