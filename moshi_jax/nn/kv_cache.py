@@ -3,7 +3,8 @@
 Keys are stored already rotated (RoPE is applied before the write). A slot that was never written
 has position -1 and is masked out, so a reset only needs to clear positions and offsets.
 
-Layout `[B, H, C, D]` (the reference's): attention reads each head's `[C, D]` block contiguously. With
+Layout: keys `[B, H, D, C]`, values `[B, H, C, D]`, the operand layouts of the two attention dots (q.k^T
+and p.v), so XLA reads them without transposing copies. With
 `layer` given, the leaves are stacked over layers `[L, ...]` and only that layer is written / read, so a
 layer loop can carry the whole stack and update it in place (no per-layer copies of the ring).
 """
@@ -22,17 +23,16 @@ _CHUNK = 512  # attention walks the ring in chunks of at most this many slots (s
 
 @struct.dataclass
 class KVCache:
-    keys: Array  # [B, H, C, D] (stacked: [L, B, H, C, D])
-    values: Array  # [B, H, C, D]
+    keys: Array  # [B, H, D, C] (stacked over layers: [L, B, H, D, C])
+    values: Array  # [B, H, C, D] (stacked: [L, B, H, C, D])
     positions: Array  # [B, C] int32 absolute position held by each slot, -1 if empty
 
 
 def init_kv_cache(batch_size: int, capacity: int, num_heads: int, head_dim: int,
                   dtype: jnp.dtype = jnp.float32) -> KVCache:
-    shape = (batch_size, num_heads, capacity, head_dim)
     return KVCache(
-        keys=jnp.zeros(shape, dtype),
-        values=jnp.zeros(shape, dtype),
+        keys=jnp.zeros((batch_size, num_heads, head_dim, capacity), dtype),
+        values=jnp.zeros((batch_size, num_heads, capacity, head_dim), dtype),
         positions=jnp.full((batch_size, capacity), -1, jnp.int32),
     )
 
@@ -46,13 +46,12 @@ def write(cache: KVCache, k: Array, v: Array, positions: Array, layer: Array | N
     capacity = cache.positions.shape[-1]
     slots = positions % capacity
     b = jnp.arange(B)[:, None]
-    idx = (b, slice(None), slots) if layer is None else (layer, b, slice(None), slots)
-    pidx = (b, slots) if layer is None else (layer, b, slots)
-    # advanced indices around a slice: the update's dims are [B, T] then [H, D], i.e. k's own layout
+    lead = (b,) if layer is None else (layer, b)
+    # advanced indices around slices: the update's dims are [B, T] then [H, D], i.e. k's own layout
     return KVCache(
-        keys=cache.keys.at[idx].set(k.astype(cache.keys.dtype)),
-        values=cache.values.at[idx].set(v.astype(cache.values.dtype)),
-        positions=cache.positions.at[pidx].set(positions.astype(jnp.int32)),
+        keys=cache.keys.at[lead + (slice(None), slice(None), slots)].set(k.astype(cache.keys.dtype)),
+        values=cache.values.at[lead + (slice(None), slots)].set(v.astype(cache.values.dtype)),
+        positions=cache.positions.at[lead + (slots,)].set(positions.astype(jnp.int32)),
     )
 
 
@@ -83,14 +82,14 @@ def attend(q: Array, cache: KVCache, q_pos: Array, causal: bool, context: int | 
     def chunk(i):
         start = i * S
         if layer is None:
-            ks = jax.lax.dynamic_slice_in_dim(cache.keys, start, S, axis=2)
+            ks = jax.lax.dynamic_slice_in_dim(cache.keys, start, S, axis=3)
             vs = jax.lax.dynamic_slice_in_dim(cache.values, start, S, axis=2)
             kp = jax.lax.dynamic_slice_in_dim(cache.positions, start, S, axis=1)
         else:
-            ks = jax.lax.dynamic_slice(cache.keys, (layer, 0, 0, start, 0), (1, B, H, S, D))[0]
+            ks = jax.lax.dynamic_slice(cache.keys, (layer, 0, 0, 0, start), (1, B, H, D, S))[0]
             vs = jax.lax.dynamic_slice(cache.values, (layer, 0, 0, start, 0), (1, B, H, S, D))[0]
             kp = jax.lax.dynamic_slice(cache.positions, (layer, 0, start), (1, B, S))[0]
-        s = jnp.einsum("bthd,bhsd->bhts", q, ks.astype(dtype), preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("bthd,bhds->bhts", q, ks.astype(dtype), preferred_element_type=jnp.float32) * scale
         valid = (kp >= 0)[:, None, :]  # [B, 1, S]
         if causal:
             delta = q_pos[:, :, None] - kp[:, None, :]  # [B, T, S]

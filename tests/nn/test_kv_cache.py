@@ -29,7 +29,7 @@ def _filled_ring(steps: list[int], seed: int = 0) -> kvc.KVCache:
 
 def _plain(q, cache, q_pos, causal, context):
     """Masked softmax attention over every slot (the reference's way), layout [B, C, H, D]."""
-    k = cache.keys.transpose(0, 2, 1, 3)
+    k = cache.keys.transpose(0, 3, 1, 2)
     v = cache.values.transpose(0, 2, 1, 3)
     return dot_attention(q, k, v, q_pos, cache.positions, causal, context)
 
@@ -55,5 +55,5 @@ def test_writes_go_to_position_modulo_capacity_in_the_stacked_layer():
     np.testing.assert_array_equal(out.positions[0], -1)  # the other layer is untouched
     np.testing.assert_array_equal(out.positions[1][0, :2], [12, 13])
     np.testing.assert_array_equal(out.positions[1][2, 10:], [22, 23])
-    assert float(out.keys[1, 2, :, 11].min()) == 1.0 and float(out.values[1, 2, :, 10].min()) == 2.0
-    assert float(jnp.abs(out.keys[1, 1, :, 2:]).max()) == 0.0
+    assert float(out.keys[1, 2, :, :, 11].min()) == 1.0 and float(out.values[1, 2, :, 10].min()) == 2.0
+    assert float(jnp.abs(out.keys[1, 1, :, :, 2:]).max()) == 0.0

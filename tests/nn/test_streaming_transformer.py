@@ -29,7 +29,7 @@ def test_step_by_step_streaming_equals_one_shot_past_the_window(context):
         outs.append(y)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
     # The ring never grows: capacity is the context.
-    assert state.layers.keys.shape == (cfg.num_layers, x.shape[0], cfg.num_heads, context, cfg.head_dim)
+    assert state.layers.keys.shape == (cfg.num_layers, x.shape[0], cfg.num_heads, cfg.head_dim, context)
     assert step._cache_size() == 1
 
 
