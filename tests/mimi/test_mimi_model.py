@@ -53,30 +53,30 @@ def _stream_decode(codec, params, codes):
 
 def test_one_shot_shapes_dtypes_and_zero_right_padding(codec_params):
     codec, params = codec_params
-    wav = _wav(2, extra=5)
+    wav = _wav(3, extra=5)  # (most tests use [2, 1, 4 frames]: shapes shared, fewer compilations)
     codes = codec.encode(params, wav)
-    assert codes.shape == (2, CFG.num_codebooks, 3) and codes.dtype == jnp.int32
+    assert codes.shape == (2, CFG.num_codebooks, 4) and codes.dtype == jnp.int32
     assert int(codes.min()) >= 0 and int(codes.max()) < CFG.bins
     padded = np.pad(wav, ((0, 0), (0, 0), (0, FS - 5)))
     np.testing.assert_array_equal(codes, codec.encode(params, padded))
     audio = codec.decode(params, codes)
-    assert audio.shape == (2, 1, 3 * FS) and audio.dtype == jnp.float32 and bool(jnp.isfinite(audio).all())
-    assert codec.encode_to_latent(params, wav).shape == (2, CFG.dimension, 3)
-    assert codec.decode_latent(params, codes).shape == (2, CFG.dimension, 3)
+    assert audio.shape == (2, 1, 4 * FS) and audio.dtype == jnp.float32 and bool(jnp.isfinite(audio).all())
+    assert codec.encode_to_latent(params, wav).shape == (2, CFG.dimension, 4)
+    assert codec.decode_latent(params, codes).shape == (2, CFG.dimension, 4)
     assert len(np.unique(np.asarray(codes))) > 3  # the codes depend on the input
 
 
 @pytest.mark.parametrize("k", [1, 2, 9, 32])
 def test_any_number_of_codebooks_is_a_prefix_of_all_32(codec_params, k):
     codec, params = codec_params
-    wav = _wav(2, seed=1)
+    wav = _wav(4, seed=1)
     all_codes = np.asarray(codec.encode(params, wav, num_codebooks=32))
     codes = np.asarray(codec.encode(params, wav, num_codebooks=k))
     np.testing.assert_array_equal(codes, all_codes[:, :k])  # residual VQ: levels do not depend on later ones
-    assert codec.decode(params, codes).shape == (2, 1, 2 * FS)
+    assert codec.decode(params, codes).shape == (2, 1, 4 * FS)
     if k == 9:  # (one K is enough for the streaming path: each K is a separate compilation)
         stream_codes, state = _stream_encode(codec, params, wav, k)
-        np.testing.assert_array_equal(stream_codes, codes)
+        np.testing.assert_array_equal(stream_codes[..., :3], codes[..., :3])  # (before the window fills)
         assert state.num_codebooks == k
 
 
@@ -99,7 +99,7 @@ def test_step_chunk_and_one_shot_agree_before_the_window_fills(codec_params):
 
 def test_chunks_continue_each_other_like_single_steps_past_the_window(codec_params):
     codec, params = codec_params
-    wav = _wav(6, seed=3)
+    wav = _wav(4, seed=3)  # 8 transformer steps through a 6-step window
     step_codes, _ = _stream_encode(codec, params, wav)
     state = codec.init_state(2)
     state, a = codec.encode_chunk(params, state, wav[..., :2 * FS])
@@ -107,14 +107,14 @@ def test_chunks_continue_each_other_like_single_steps_past_the_window(codec_para
     np.testing.assert_array_equal(np.concatenate([a, b], -1), step_codes)
     step_audio, _ = _stream_decode(codec, params, step_codes)
     state = codec.init_state(2)
-    state, a = codec.decode_chunk(params, state, step_codes[..., :4])
-    state, b = codec.decode_chunk(params, state, step_codes[..., 4:])
+    state, a = codec.decode_chunk(params, state, step_codes[..., :2])
+    state, b = codec.decode_chunk(params, state, step_codes[..., 2:])
     np.testing.assert_allclose(np.concatenate([a, b], -1), step_audio, rtol=1e-5, atol=1e-6)
 
 
 def test_appending_audio_or_codes_never_changes_earlier_outputs(codec_params):
     codec, params = codec_params
-    wav = _wav(5, seed=4)
+    wav = _wav(4, seed=4)
     codes = np.asarray(codec.encode(params, wav))
     np.testing.assert_array_equal(codec.encode(params, wav[..., :2 * FS]), codes[..., :2])
     audio = np.asarray(codec.decode(params, codes))
@@ -123,15 +123,15 @@ def test_appending_audio_or_codes_never_changes_earlier_outputs(codec_params):
 
 def test_batch_items_are_independent_one_shot_and_streaming(codec_params):
     codec, params = codec_params
-    wav = _wav(4, batch=3, seed=5)
+    wav = _wav(4, seed=5)
     codes = np.asarray(codec.encode(params, wav))
-    np.testing.assert_array_equal(codec.encode(params, wav[1:2]), codes[1:2])
+    np.testing.assert_array_equal(codec.encode(params, wav[1:]), codes[1:])
     stream, _ = _stream_encode(codec, params, wav)
-    alone, _ = _stream_encode(codec, params, wav[2:])
-    np.testing.assert_array_equal(stream[2:], alone)
+    alone, _ = _stream_encode(codec, params, wav[1:])
+    np.testing.assert_array_equal(stream[1:], alone)
     audio, _ = _stream_decode(codec, params, stream)
     audio_alone, _ = _stream_decode(codec, params, alone)
-    np.testing.assert_allclose(audio[2:], audio_alone, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(audio[1:], audio_alone, rtol=1e-5, atol=1e-6)
 
 
 def test_streaming_steps_compile_once_and_keep_the_state_shape(codec_params):
@@ -159,16 +159,16 @@ def test_streaming_consumes_the_given_state(codec_params):
 
 def test_reset_restarts_only_the_masked_streams(codec_params):
     codec, params = codec_params
-    wav = _wav(5, seed=8)
+    wav = _wav(4, seed=8)
     state = codec.init_state(2)
-    state, _ = codec.encode_chunk(params, state, wav[..., :3 * FS])
-    state, _ = codec.decode_chunk(params, state, np.zeros((2, 8, 3), np.int32))
+    state, _ = codec.encode_chunk(params, state, wav[..., :2 * FS])
+    state, _ = codec.decode_chunk(params, state, np.zeros((2, 8, 2), np.int32))
     state = codec.reset(state, np.array([True, False]))
-    state, codes = codec.encode_chunk(params, state, wav[..., 3 * FS:])
-    fresh_0 = codec.encode_stream(params, wav[:1, :, 3 * FS:])  # item 0 starts over
+    state, codes = codec.encode_chunk(params, state, wav[..., 2 * FS:])
+    fresh_0 = codec.encode_stream(params, wav[:1, :, 2 * FS:])  # item 0 starts over
     np.testing.assert_array_equal(codes[:1], fresh_0)
     continued, _ = _stream_encode(codec, params, wav[1:])  # item 1 just continues
-    np.testing.assert_array_equal(codes[1:], continued[:, :, 3:])
+    np.testing.assert_array_equal(codes[1:], continued[:, :, 2:])
     state, audio = codec.decode_chunk(params, state, np.asarray(codes))
     # Decoder of item 0 was reset too: same audio as a fresh decoder on the same codes.
     np.testing.assert_allclose(audio[:1], codec.decode_stream(params, np.asarray(codes[:1])), rtol=1e-5, atol=1e-6)
