@@ -4,14 +4,16 @@ One optimizer step = forward on a [B, 17, T] token grid + moshi-finetune loss (t
 audio CE with the semantic multiplier) + backward + global-norm clip + AdamW. moshi-jax runs its real
 train step (`moshi_jax.training.step`, jitted, state donated, one device = all host cores); the reference is
 `moshi.models.lm.LMModel` with the identical weights (exported from it and imported here), the same loss
-written out as in moshi-finetune, `clip_grad_norm_` and `torch.optim.AdamW`. Both in float32.
+written out as in moshi-finetune, `clip_grad_norm_` and `torch.optim.AdamW`. Both in float32 (default), or both
+computing in bfloat16 with `--dtype bfloat16` (moshi-jax: float32 master weights cast inside the step; the
+reference: its module cast to bf16, AdamW on the bf16 params).
 
     python -m benchmarks.bench_train                          # bench_111m, B=4, T=256 (the issue's setting)
     python -m benchmarks.bench_train --config tiny --batch 8 --frames 64 --no-reference
 
 Reports steady-state step time (median), frames/s (B*T per step; x9 for text + 8 predicted audio tokens),
 the ratio, JAX compile time apart, the first-step loss of both (they must agree: same weights, same
-batch), and achieved model FLOP/s over the box's measured float32 matmul peak.
+batch; bf16: close, not equal), and achieved model FLOP/s over the box's measured matmul peak in that dtype.
 """
 
 from __future__ import annotations
@@ -22,22 +24,22 @@ import sys
 import time
 
 
-def _measure_matmul_peak(n: int = 2048, iters: int = 5) -> dict:
-    """Best float32 matmul FLOP/s of this box, with XLA (all host cores) and with torch."""
+def _measure_matmul_peak(dtype: str = "float32", n: int = 2048, iters: int = 5) -> dict:
+    """Best matmul FLOP/s of this box in `dtype` (float32 accumulation), with XLA (all host cores) and torch."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     out = {}
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
-    f = jax.jit(lambda x: x @ x)
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32), dtype)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(iters))
     out["xla"] = 2 * n ** 3 / best
     try:
         import torch
 
-        t = torch.randn(n, n)
+        t = torch.randn(n, n).to(getattr(torch, dtype))
         t @ t
         out["torch"] = 2 * n ** 3 / min(_timed(lambda: t @ t) for _ in range(iters))
     except ImportError:
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=256, help="T, frames per sequence")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step) per implementation")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the reference")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype of both (moshi-jax keeps float32 master weights; the reference model is cast)")
     p.add_argument("--remat", default="none", help="moshi-jax remat policy (none | full | dots | dots_no_batch)")
     p.add_argument("--no-reference", action="store_true", help="time moshi-jax only")
     p.add_argument("--json", default=None, help="write results as JSON here")
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     B, T = args.batch, args.frames
     lr = 3e-4
     cfg = config_lib.load_config(args.config, [
-        f"data.batch_size={B}", f"data.seq_frames={T}", "compute_dtype=float32", f"remat={args.remat}",
+        f"data.batch_size={B}", f"data.seq_frames={T}", f"compute_dtype={args.dtype}", f"remat={args.remat}",
         "data.builtin=random", "optimizer.schedule=constant", "optimizer.warmup_steps=0", f"optimizer.lr={lr}",
         "optimizer.microbatches=1", "lora.enabled=false"])
     lm_cfg = config_lib.build_lm_config(cfg)
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = build_state_spec(program.task, tx, mesh, LOGICAL_AXIS_RULES)
     n_params = count_params(spec.abstract_params)
     print(f"config {args.config} ({cfg.model.preset}): {n_params / 1e6:.1f}M params, batch {B} x {T} frames, "
-          f"float32, remat {args.remat}; jax devices: {jax.devices()}", flush=True)
+          f"{args.dtype}, remat {args.remat}; jax devices: {jax.devices()}", flush=True)
 
     ref = None
     if not args.no_reference:
@@ -126,14 +130,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         ref = loaders.get_moshi_lm(None, lm_kwargs=lm_cfg.to_reference_kwargs(), device="cpu", dtype=torch.float32)
         ref.train()
-        sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+        sd = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
+        ref = ref.to(getattr(torch, args.dtype))  # bfloat16: AdamW directly on bf16 params (cheaper than master copies)
         params = lm_checkpoint.load_reference(sd, lm_cfg)
         state, frozen = init_from_params(spec, params, tx, cfg.seed)
     else:
         state, frozen = init_train_state(spec, program.task, tx, cfg.seed)
 
     step = ShardedStep(make_train_step(program.task, spec.partition, tx, make_schedule(cfg.optimizer, cfg.steps),
-                                       compute_dtype="float32"), spec, program.batch_shardings(mesh))
+                                       compute_dtype=args.dtype), spec, program.batch_shardings(mesh))
     batch = {"codes": jax.device_put(codes, program.batch_shardings(mesh)["codes"])}
 
     t0 = time.perf_counter()
@@ -179,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reference: steady {ref_step:.3f}s/step (samples {', '.join(f'{t:.3f}' for t in ref_times)}); "
               f"first-step loss ours {jax_first_loss:.5f} vs reference {ref_first_loss:.5f}", flush=True)
 
-    peaks = _measure_matmul_peak()
+    peaks = _measure_matmul_peak(args.dtype)
     peak = max(peaks.values())
     frames = B * T
     tokens = frames * (1 + lm_cfg.dep_q)
-    rows = [Row("train step (fwd+bwd+AdamW)", jax_step, ref_step, jax_compile, note=f"B={B}, T={T}, float32")]
-    title = f"Train step, {cfg.model.preset} ({n_params / 1e6:.1f}M params), 2-core CPU box"
+    rows = [Row("train step (fwd+bwd+AdamW)", jax_step, ref_step, jax_compile, note=f"B={B}, T={T}, {args.dtype}")]
+    title = f"Train step, {cfg.model.preset} ({n_params / 1e6:.1f}M params), {args.dtype}, 2-core CPU box"
     print()
     print_table(title, rows)
     print()
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{flops / ref_step:.3g} | |" if ref_step else f"| model FLOP/s | {flops / jax_step:.3g} | - | |")
     ref_frac = f"{flops / ref_step / peak:.1%}" if ref_step else "-"
     print(f"| fraction of measured matmul peak ({peak:.3g} FLOP/s) | {flops / jax_step / peak:.1%} | {ref_frac} | |")
-    print("\nmatmul peak (float32, 2048^3): " + ", ".join(f"{k} {v:.3g} FLOP/s" for k, v in peaks.items()))
+    print(f"\nmatmul peak ({args.dtype}, 2048^3): " + ", ".join(f"{k} {v:.3g} FLOP/s" for k, v in peaks.items()))
     print("note: the CPU is shared with other jobs; numbers are noisy (medians of "
           f"{args.steps} steps).")
     write_results(args.json, title, rows, {
