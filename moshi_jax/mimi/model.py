@@ -18,9 +18,10 @@ Streaming state is one pytree (`MimiState`) with every conv buffer, both transfo
 positions, the downsample's first-call flag, and the number of codebooks K (static metadata, so each K
 compiles once). The streaming entry points consume the state they are given (its buffers are donated
 and updated in place): always continue from the returned state. Each streamed 80 ms frame feeds the
-transformers 2 steps at once, as the reference
-does; past the attention window this differs from one-shot by the reference's ring quirk (both keys
-are written before attending), which is reproduced on purpose.
+transformers 2 steps at once, as the reference does; past the attention window this differs from
+one-shot by the reference's ring quirk (both keys are written before attending), reproduced on purpose.
+`encode_chunk` / `decode_chunk` are `lax.scan`s of the single-frame steps, so chunking never changes
+the output.
 """
 
 from __future__ import annotations
