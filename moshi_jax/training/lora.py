@@ -32,6 +32,7 @@ from flax import traverse_util
 Array = jax.Array
 Path = tuple[str, ...]
 STACK_AXES = ("layers", "steps")
+RANK_AXIS = "lora_rank"  # logical name of the LoRA rank axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,15 +115,16 @@ def init_lora(key: Array, layouts: dict[Path, LoraLayout], rank: int, dtype=jnp.
 
 
 def lora_axes(layouts: dict[Path, LoraLayout]) -> dict[Path, tuple[str | None, ...]]:
-    """Logical axes of the LoRA tree (flat): a keeps W's input axes, b its output axes; the rank axis is
-    replicated."""
+    """Logical axes of the LoRA tree (flat): a keeps W's input axes, b its output axes, and the rank axis is
+    `lora_rank` (mapped to fsdp by the mesh rules): b's output axes (mlp / heads) are tensor-sharded only, so
+    without it b (and a of the output projections) and their Adam moments would be replicated over fsdp."""
     out = {}
     for path, lay in layouts.items():
         lead = lay.axes[: lay.n_lead]
         in_axes = lay.axes[lay.n_lead: lay.n_lead + lay.n_in]
         out_axes = lay.axes[lay.n_lead + lay.n_in:]
-        out[path + ("a",)] = lead + in_axes + (None,)
-        out[path + ("b",)] = lead + (None,) + out_axes
+        out[path + ("a",)] = lead + in_axes + (RANK_AXIS,)
+        out[path + ("b",)] = lead + (RANK_AXIS,) + out_axes
     return out
 
 

@@ -48,6 +48,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),  # text / audio vocabularies (tables and heads)
     ("dep_embed", "fsdp"),  # depformer_in output (the depth d_model); fsdp only if `embed` left it free
     ("low_rank", None),  # low-rank depformer embeddings (off for Moshi)
+    # LoRA factors (moshi_jax.training.lora): the rank axis takes fsdp where the factor's other axes left it free
+    ("lora_rank", "fsdp"),
     # Mimi conv params (moshi_jax.nn.conv): small, replicated
     ("conv_kernel", None),
     ("conv_in", None),

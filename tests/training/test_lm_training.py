@@ -92,6 +92,20 @@ def test_rules_cover_every_logical_axis_name_of_the_lm():
         assert {"fsdp", "tensor"} <= set(table[name]["mesh"]), name
 
 
+def test_lora_factors_and_their_adam_moments_are_sharded_not_replicated_on_an_fsdp_mesh():
+    cfg = _train_config("lora.enabled=true", "lora.rank=8")
+    program = lm_program(cfg, config_lib.build_lm_config(cfg))
+    spec = build_state_spec(program.task, make_optimizer(cfg.optimizer, cfg.steps), make_mesh((1, 8, 1)),
+                            LOGICAL_AXIS_RULES, cfg.lora)
+    leaves = jax.tree_util.tree_leaves_with_path(spec.abstract_state.params["lora"])
+    assert len(leaves) > 20
+    for path, x in leaves:  # a: input axis (embed) on fsdp; b: the rank axis on fsdp (its outputs are tensor-only)
+        assert x.sharding.shard_shape(x.shape) != x.shape, jax.tree_util.keystr(path)
+    mu = spec.abstract_state.opt_state[1].inner_state[0].mu["lora"]
+    for x, y in zip(jax.tree.leaves(mu), jax.tree.leaves(spec.abstract_state.params["lora"]), strict=True):
+        assert x.sharding.spec == y.sharding.spec
+
+
 # ----------------------------------------------------------------------------------------------- step parity
 
 
