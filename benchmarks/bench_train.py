@@ -11,9 +11,11 @@ reference: its module cast to bf16, AdamW on the bf16 params).
     python -m benchmarks.bench_train                          # bench_111m, B=4, T=256 (the issue's setting)
     python -m benchmarks.bench_train --config tiny --batch 8 --frames 64 --no-reference
 
-Reports steady-state step time (median), frames/s (B*T per step; x9 for text + 8 predicted audio tokens),
-the ratio, JAX compile time apart, the first-step loss of both (they must agree: same weights, same
-batch; bf16: close, not equal), and achieved model FLOP/s over the box's measured matmul peak in that dtype.
+The timed steps alternate (ours, reference, ours, ...) so that on a shared machine both see the same
+background load. Reports steady-state step time (median), frames/s (B*T per step; x9 for text + 8
+predicted audio tokens), the ratio, JAX compile time apart, the first-step loss of both (they must agree:
+same weights, same batch; bf16: close, not equal), and achieved model FLOP/s over the box's measured matmul
+peak in that dtype.
 """
 
 from __future__ import annotations
@@ -141,23 +143,18 @@ def main(argv: list[str] | None = None) -> int:
                                        compute_dtype=args.dtype), spec, program.batch_shardings(mesh))
     batch = {"codes": jax.device_put(codes, program.batch_shardings(mesh)["codes"])}
 
-    t0 = time.perf_counter()
-    state, m = step(state, batch, frozen)
-    jax_first_loss = float(m["loss"])
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, m = step(state, batch, frozen)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    jax_step = statistics.median(times)
-    jax_compile = max(first - jax_step, 0.0)
-    print(f"moshi-jax: first step {first:.2f}s (compile + run), steady {jax_step:.3f}s/step "
-          f"(samples {', '.join(f'{t:.3f}' for t in times)})", flush=True)
+    holder = {"state": state}
 
-    ref_step = ref_first_loss = None
-    ref_times: list[float] = []
+    def one_jax_step() -> float:
+        holder["state"], m = step(holder["state"], batch, frozen)
+        return float(m["loss"])  # blocks until the step is done
+
+    t0 = time.perf_counter()
+    jax_first_loss = one_jax_step()
+    first = time.perf_counter() - t0
+
+    one_ref_step = None
+    ref_first_loss = None
     if ref is not None:
         import torch
 
@@ -176,16 +173,27 @@ def main(argv: list[str] | None = None) -> int:
             return float(loss.detach())
 
         ref_first_loss = one_ref_step()  # warm-up (allocator, thread pool)
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            one_ref_step()
-            ref_times.append(time.perf_counter() - t0)
-        ref_step = statistics.median(ref_times)
-        print(f"reference: steady {ref_step:.3f}s/step (samples {', '.join(f'{t:.3f}' for t in ref_times)}); "
-              f"first-step loss ours {jax_first_loss:.5f} vs reference {ref_first_loss:.5f}", flush=True)
+        print(f"first-step loss: moshi-jax {jax_first_loss:.5f}, reference {ref_first_loss:.5f}", flush=True)
 
-    peaks = _measure_matmul_peak(args.dtype)
-    peak = max(peaks.values())
+    # Interleaved (ours, reference, ours, ...): on a shared machine both see the same background load.
+    peaks_before = _measure_matmul_peak(args.dtype)
+    times: list[float] = []
+    ref_times: list[float] = []
+    for _ in range(args.steps):
+        times.append(_timed(one_jax_step))
+        if one_ref_step is not None:
+            ref_times.append(_timed(one_ref_step))
+    jax_step = statistics.median(times)
+    jax_compile = max(first - jax_step, 0.0)
+    ref_step = statistics.median(ref_times) if ref_times else None
+    print(f"moshi-jax: first step {first:.2f}s (compile + run), steady {jax_step:.3f}s/step "
+          f"(samples {', '.join(f'{t:.3f}' for t in times)})", flush=True)
+    if ref_times:
+        print(f"reference: steady {ref_step:.3f}s/step (samples {', '.join(f'{t:.3f}' for t in ref_times)})",
+              flush=True)
+
+    peaks = {k: max(v, _measure_matmul_peak(args.dtype).get(k, 0.0)) for k, v in peaks_before.items()}
+    peak = max(peaks.values())  # best of before / after the timed steps
     frames = B * T
     tokens = frames * (1 + lm_cfg.dep_q)
     rows = [Row("train step (fwd+bwd+AdamW)", jax_step, ref_step, jax_compile, note=f"B={B}, T={T}, {args.dtype}")]
