@@ -50,9 +50,11 @@ def _bench_batch(B: int, cfg, params, ref_lm, args) -> list:
     state = G.init_gen_state(cfg, B)
     tokens = []
 
+    sparams = G.prepare_streaming_params(params, cfg)  # once, as a server would (per-layer / per-step buffers)
+
     def ours():
         nonlocal state
-        state, out = G.step_donated(params, state, user_j, None, cfg=cfg, sampling=greedy)
+        state, out = G.step_donated(sparams, state, user_j, None, cfg=cfg, sampling=greedy)
         tokens.append(out.sampled_text)
         return out.sampled_audio
 

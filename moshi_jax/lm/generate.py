@@ -36,6 +36,7 @@ from flax import struct
 
 from moshi_jax.lm import model as lm_model
 from moshi_jax.lm.config import LMConfig
+from moshi_jax.lm.model import StreamingParams, prepare_streaming_params
 from moshi_jax.nn.sampling import SamplingConfig, sample_token
 from moshi_jax.nn.transformer import TransformerState
 
@@ -122,8 +123,11 @@ def _step(params: Params, state: GenState, user_codes: Array, rng: Array | None,
           forced_audio: Array | None = None, return_logits: bool = False,
           text_hook: Callable[[Array], Array] | None = None) -> tuple[GenState, StepOutput]:
     _check_inputs(cfg, state, user_codes)
+    # Raw params work too (converted here, i.e. the stacks are sliced on every call): convert them once
+    # with `prepare_streaming_params` for speed.
+    sp = params if isinstance(params, StreamingParams) else lm_model.prepare_streaming_params(params, cfg)
     model = lm_model.LMModel(cfg)
-    variables = {"params": params}
+    variables = {"params": sp.base}
     B = state.offsets.shape[0]
     dep_q, n_user = cfg.dep_q, cfg.n_q - cfg.dep_q
     CT = cfg.max_delay + 2
@@ -144,7 +148,8 @@ def _step(params: Params, state: GenState, user_codes: Array, rng: Array | None,
     inp = jnp.where(offsets[:, None] <= delays[None], initial[None], inp)  # [B, 1 + n_q]
 
     # 3. temporal transformer, one position
-    hidden, text_logits, temporal = model.apply(variables, inp[:, :, None], state.temporal, method="temporal")
+    hidden, text_logits, temporal = model.apply(variables, inp[:, :, None], state.temporal, sp.temporal_layers,
+                                                method="temporal")
     hidden, text_logits = hidden[:, 0], text_logits[:, 0].astype(jnp.float32)  # [B, dim], [B, text_out]
     if rng is None:
         k_text = k_audio = None
@@ -158,25 +163,25 @@ def _step(params: Params, state: GenState, user_codes: Array, rng: Array | None,
     if text_hook is not None:  # e.g. the TTS word-feeding state machine: sampled text [B] -> text fed on [B]
         text = text_hook(text).astype(jnp.int32)
 
-    # 4. depth transformer: dep_q sequential steps inside this compiled step
+    # 4. depth transformer: dep_q sequential steps, unrolled (each step reads its own weights in place)
     audio = jnp.zeros((B, dep_q), jnp.int32)
-    audio_logits = jnp.zeros((B, dep_q, cfg.card), jnp.float32) if return_logits else None
+    audio_logits = None
     if dep_q:
-        def depth_body(k, carry):
-            prev, dstate, audio, audio_logits = carry
-            logits, dstate = model.apply(variables, hidden, prev, k, dstate, method="depth_step")
+        prev, dstate, toks, all_logits = text, lm_model.init_depth_state(cfg, B), [], []
+        for k in range(dep_q):
+            logits, dstate = lm_model.depth_step_prepared(cfg, sp.depth_steps[k], hidden, prev, dstate)
             key = None if k_audio is None else jax.random.fold_in(k_audio, k)
             tok = sample_token(key, logits, sampling.temp, sampling.top_k, sampling.use_sampling)
             if forced_audio is not None:
-                forced = jax.lax.dynamic_index_in_dim(forced_audio, k, axis=1, keepdims=False)
-                tok = jnp.where(forced >= 0, forced.astype(jnp.int32), tok)
-            audio = jax.lax.dynamic_update_index_in_dim(audio, tok, k, axis=1)
-            if audio_logits is not None:
-                audio_logits = jax.lax.dynamic_update_index_in_dim(audio_logits, logits.astype(jnp.float32), k, 1)
-            return tok, dstate, audio, audio_logits
-
-        carry = (text, lm_model.init_depth_state(cfg, B), audio, audio_logits)
-        _, _, audio, audio_logits = jax.lax.fori_loop(0, dep_q, depth_body, carry)
+                tok = jnp.where(forced_audio[:, k] >= 0, forced_audio[:, k].astype(jnp.int32), tok)
+            toks.append(tok)
+            all_logits.append(logits)
+            prev = tok
+        audio = jnp.stack(toks, axis=1)
+        if return_logits:
+            audio_logits = jnp.stack(all_logits, axis=1).astype(jnp.float32)
+    elif return_logits:
+        audio_logits = jnp.zeros((B, 0, cfg.card), jnp.float32)
 
     # 5. advance; the sampled tokens go to column (offset + 1) % CT
     offsets = offsets + 1
@@ -212,6 +217,8 @@ def _run(params: Params, state: GenState, user_codes: Array, rng: Array | None, 
          sampling: SamplingConfig = DEFAULT_SAMPLING, forced_text: Array | None = None,
          forced_audio: Array | None = None, return_logits: bool = False) -> tuple[GenState, StepOutput]:
     T = user_codes.shape[-1]
+    if not isinstance(params, StreamingParams):  # once per call, not once per frame
+        params = prepare_streaming_params(params, cfg)
     xs = {"user": jnp.moveaxis(user_codes, -1, 0),
           "rng": None if rng is None else jax.random.split(rng, T),
           "text": None if forced_text is None else jnp.moveaxis(forced_text, -1, 0),
@@ -266,7 +273,8 @@ class LMGen:
 
     def __init__(self, params: Params, cfg: LMConfig, sampling: SamplingConfig = DEFAULT_SAMPLING,
                  batch_size: int = 1, seed: int = 0, pad_bias: float = 0.0):
-        self.params, self.cfg, self.sampling = params, cfg, sampling
+        self.params = prepare_streaming_params(params, cfg)  # once: per-layer / per-step buffers
+        self.cfg, self.sampling = cfg, sampling
         self.state = init_gen_state(cfg, batch_size, pad_bias)
         self.rng = jax.random.PRNGKey(seed)
         self._step = functools.partial(step_donated, cfg=cfg, sampling=sampling)

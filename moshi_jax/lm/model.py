@@ -14,6 +14,7 @@ Per-step tensors carry a leading `steps` axis so `depth_step` can index them wit
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,7 +25,14 @@ from moshi_jax.lm import delays as dl
 from moshi_jax.lm.config import LMConfig
 from moshi_jax.nn.attention import fan_in_normal
 from moshi_jax.nn.norms import Norm
-from moshi_jax.nn.transformer import Transformer, TransformerState, init_state
+from moshi_jax.nn.transformer import (
+    Transformer,
+    TransformerState,
+    init_state,
+    select_step_weights,
+    stream_layers,
+    unstack_layers,
+)
 
 Array = jax.Array
 
@@ -58,8 +66,13 @@ def _uniform_fan_in(fan_in: int):
     return init
 
 
-def _embed(table: Array, tokens: Array, dtype) -> Array:
-    """Lookup with the reference's zero token: id -1 embeds to exactly 0 (ids are clamped at 0 first)."""
+def _embed(table: Array, tokens: Array, dtype, stack_index: int | None = None) -> Array:
+    """Lookup with the reference's zero token: id -1 embeds to exactly 0 (ids are clamped at 0 first).
+    `stack_index`: `table` is a stack `[n, V, dim]` and rows come from table `stack_index` (gathered in
+    place: slicing the table out first would copy it)."""
+    if stack_index is not None:
+        ids = jnp.clip(tokens, 0, table.shape[1] - 1)
+        return jnp.where((tokens == -1)[..., None], jnp.zeros((), dtype), table[stack_index, ids].astype(dtype))
     y = jnp.take(table, jnp.maximum(tokens, 0), axis=0, mode="clip").astype(dtype)
     return jnp.where((tokens == -1)[..., None], jnp.zeros((), dtype), y)
 
@@ -112,21 +125,28 @@ class LMModel(nn.Module):
             _stacked_init(fan_in_normal(dd), cfg.dep_q), ("steps", "embed", "vocab")), (cfg.dep_q, dd, cfg.card), dpdt)
 
     # ------------------------------------------------------------------ temporal transformer
-    def temporal(self, tokens: Array, state: TransformerState | None = None
+    def temporal(self, tokens: Array, state: TransformerState | None = None, layers: tuple[Any, ...] | None = None
                  ) -> tuple[Array, Array, TransformerState | None]:
         """tokens `[B, 1+n_q, T]` int32, already the model input (delayed and shifted; -1 = zero embedding)
-        -> (hidden `[B, T, dim]` after out_norm, text logits `[B, T, text_out]` float32, new state)."""
+        -> (hidden `[B, T, dim]` after out_norm, text logits `[B, T, text_out]` float32, new state).
+        `layers` (streaming only): the transformer's per-layer params (`StreamingParams.temporal_layers`),
+        used instead of the stacked `transformer` params."""
         cfg = self.cfg
         if tokens.ndim != 3 or tokens.shape[1] != cfg.num_streams:
             raise ValueError(f"tokens must be [B, {cfg.num_streams}, T], got {tokens.shape}")
         dtype = jnp.dtype(cfg.temporal.dtype)
         x = None
         for k in range(cfg.n_q):  # reference order: audio streams, then text
-            e = _embed(self.emb[k], tokens[:, 1 + k], dtype)
+            e = _embed(self.emb, tokens[:, 1 + k], dtype, k)
             x = e if x is None else x + e
         e = _embed(self.text_emb, tokens[:, 0], dtype)
         x = e if x is None else x + e
-        x, state = self.transformer(x, state)
+        if layers is None:
+            x, state = self.transformer(x, state)
+        else:
+            if state is None:
+                raise ValueError("per-layer params (`layers`) are for streaming: pass a TransformerState")
+            x, state = stream_layers(cfg.temporal, layers, x, state)
         hidden = self.out_norm(x)
         # In the compute dtype like the reference's Linear, then float32 for the softmax / sampling.
         text_logits = jnp.einsum("btd,dv->btv", hidden, self.text_linear.astype(dtype)).astype(jnp.float32)
@@ -243,6 +263,55 @@ def logits_drift(params, codes: Array, cfg: LMConfig, dtype: str = "bfloat16") -
         b = jnp.where(mask, getattr(out, f"{name}_logits"), 0.0)
         res[name] = float(jnp.abs(a - b).max() / jnp.maximum(jnp.abs(a).max(), 1e-30))
     return res
+
+
+@struct.dataclass
+class StreamingParams:
+    """Params laid out for streaming generation (`prepare_streaming_params`): each layer and each depth step
+    has its own buffers, so the jitted step reads weights in place instead of slicing (copying) stacks."""
+
+    base: Any  # the top-level params (embeddings, heads, norms) without the two transformer stacks
+    temporal_layers: tuple[Any, ...]  # per temporal layer: the layer's param tree
+    depth_steps: tuple[dict[str, Any], ...]  # per depth step k: in [dim, dep_dim], emb, emb_low_rank, linear, layers
+
+
+def prepare_streaming_params(params: Any, cfg: LMConfig) -> StreamingParams:
+    """Convert (unboxed) LM params once, outside the jitted step, for `generate.step`. Copies the stacked
+    weights (the original `params` can be dropped afterwards to save memory)."""
+    params = nn.unbox(params)
+    base = {k: v for k, v in params.items() if k not in ("transformer", "depformer")}
+    temporal_layers = unstack_layers(params["transformer"]["layers"], cfg.temporal.num_layers)
+    steps: list[dict[str, Any]] = []
+    if cfg.depth is not None:
+        d = cfg.depth
+        dep_layers = unstack_layers(params["depformer"]["layers"], d.num_layers)
+        low_rank = cfg.depformer_low_rank_embeddings is not None
+        for k in range(cfg.dep_q):
+            w = d.weights_per_step_schedule[k] if d.weights_per_step_schedule else k
+            steps.append({
+                "in": params["depformer_in"][cfg.depformer_in_index(k)],
+                "emb": params["depformer_text_emb"] if k == 0 else params["depformer_emb"][k - 1],
+                "emb_low_rank": None if not low_rank else (
+                    params["depformer_text_emb_low_rank"] if k == 0 else params["depformer_emb_low_rank"][k - 1]),
+                "linear": params["linears"][k],
+                "layers": tuple(select_step_weights(p, w) for p in dep_layers) if d.mult else dep_layers,
+            })
+    return StreamingParams(base=base, temporal_layers=temporal_layers, depth_steps=tuple(steps))
+
+
+def depth_step_prepared(cfg: LMConfig, step: dict[str, Any], hidden: Array, token: Array,
+                        state: TransformerState) -> tuple[Array, TransformerState]:
+    """`LMModel.depth_step` for a static step k, with `StreamingParams.depth_steps[k]`: hidden `[B, dim]`,
+    token `[B]` -> (logits `[B, card]` float32, new state). Same maths; embeddings are row lookups."""
+    d = cfg.depth
+    dtype = jnp.dtype(d.dtype)
+    x = jnp.einsum("bd,de->be", hidden.astype(dtype), step["in"].astype(dtype))
+    e = _embed(step["emb"], token, dtype)
+    if step["emb_low_rank"] is not None:
+        e = e @ step["emb_low_rank"].astype(dtype)
+    y, state = stream_layers(d, step["layers"], (e + x)[:, None], state, step_index=0 if d.mult else None)
+    logits = jnp.einsum("bd,dc->bc", y[:, 0], step["linear"].astype(y.dtype)).astype(jnp.float32)
+    return logits, state
 
 
 def init_temporal_state(cfg: LMConfig, batch_size: int) -> TransformerState:

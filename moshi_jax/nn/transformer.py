@@ -9,6 +9,7 @@ with `nn.scan`, so compile time does not grow with depth.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -183,3 +184,56 @@ class Transformer(nn.Module):
         if state is None:
             return x, None
         return x, TransformerState(offset=state.offset + T, layers=caches)
+
+
+def unstack_layers(stacked: Any, num_layers: int) -> tuple[Any, ...]:
+    """`params["layers"]` of a scanned stack (leaves `[L, ...]`) -> a tuple of `L` per-layer trees.
+
+    Done once, outside the jitted step: a layer read from its own buffer is used in place, whereas slicing
+    the stacked leaves inside the step (scan or not) makes XLA copy every layer's weights on every call."""
+    return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers))
+
+
+def select_step_weights(layer_params: Any, step: int) -> Any:
+    """A per-layer tree with its per-step kernels (leading `steps` axis, see `per_step_param`) cut down to
+    entry `step`, keeping a size-1 `steps` axis: run it with step index 0 (`stream_layers(..., step_index=0)`)."""
+    per_step = ("in_proj", "out_proj", "linear_in", "linear_out")
+
+    def cut(path, a):
+        name = getattr(path[-1], "key", None)
+        return a[step: step + 1] if name in per_step else a
+
+    return jax.tree_util.tree_map_with_path(cut, layer_params)
+
+
+def stream_layers(cfg: TransformerConfig, layer_params: tuple[Any, ...], x: Array, state: TransformerState,
+                  step_index: int | None = None) -> tuple[Array, TransformerState]:
+    """Streaming `Transformer(cfg)(x, state)` with per-layer params (`unstack_layers`), layers unrolled.
+
+    x `[B, T, d]` -> (y `[B, T, d]`, state advanced by T). Same maths as the scanned stack; the weights are
+    read where they are (no per-call copies). `step_index`: with per-step weights (`cfg.mult`), the entry
+    of the per-step kernels to use for every position (params from `select_step_weights` use 0); None
+    computes it from the offset as `Transformer` does."""
+    if len(layer_params) != cfg.num_layers:
+        raise ValueError(f"expected {cfg.num_layers} per-layer param trees, got {len(layer_params)}")
+    B, T, _ = x.shape
+    in_dtype = x.dtype
+    positions = state.offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    if cfg.positional_embedding in ("sin", "sin_rope"):
+        x = x + cfg.positional_scale * sin_embedding(positions, cfg.d_model, cfg.max_period, x.dtype)
+    steps = None
+    layer_cfg = cfg
+    if cfg.mult:
+        if step_index is not None:
+            steps = jnp.full((T,), step_index, jnp.int32)
+            # the params hold one step's kernels (steps axis of size 1): declare them so to Flax's shape check
+            layer_cfg = dataclasses.replace(cfg, weights_per_step=1, weights_per_step_schedule=None)
+        else:
+            steps = state.offset[0] + jnp.arange(T, dtype=jnp.int32)
+            if cfg.weights_per_step_schedule:
+                steps = jnp.asarray(cfg.weights_per_step_schedule, jnp.int32)[steps]
+    caches = state.layers
+    layer = TransformerLayer(layer_cfg, parent=None)
+    for i, p in enumerate(layer_params):
+        x, caches = layer.apply({"params": p}, x, caches, positions, steps, i)
+    return x.astype(in_dtype), TransformerState(offset=state.offset + T, layers=caches)
