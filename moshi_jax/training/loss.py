@@ -13,7 +13,7 @@ its loss is 0 instead of the reference's 0/0 = NaN, so such batches still train 
 
 Metrics (all float32 scalars, masked means): text_loss, audio_loss (the two weighted terms above),
 semantic_loss and acoustic_loss (plain mean CE of codebook 0 and of codebooks 1.., unweighted), and
-text_accuracy / audio_accuracy (top-1, unweighted over valid positions).
+text_accuracy / audio_accuracy (top-1, unweighted over valid positions; a tie for the top logit counts as a hit).
 """
 
 from __future__ import annotations
@@ -26,17 +26,25 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def cross_entropy(logits: Array, targets: Array, mask: Array) -> Array:
-    """Per-position CE `[...]` in float32: logits `[..., V]`, int targets `[...]`, bool mask `[...]`; 0 where
-    masked (the targets there may be anything, e.g. -1; masked logits may be any finite values)."""
+def _ce_and_hits(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array]:
+    """(per-position CE, top-1 hit) in one pass over the logits: the max that stabilises the logsumexp also
+    decides the hit (target logit == max; an argmax would be a second, index-tracking reduction over V)."""
     if logits.shape[:-1] != targets.shape or targets.shape != mask.shape:
         raise ValueError(f"cross_entropy: logits {logits.shape}, targets {targets.shape} and mask {mask.shape} "
                          f"do not line up (want [..., V], [...], [...])")
     logits = logits.astype(jnp.float32)
     safe = jnp.where(mask, targets, 0).astype(jnp.int32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
+    top = jnp.max(logits, axis=-1)
+    shift = jax.lax.stop_gradient(top)  # the usual logsumexp stabiliser (its gradient cancels exactly)
+    log_z = shift + jnp.log(jnp.sum(jnp.exp(logits - shift[..., None]), axis=-1))
     picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    return jnp.where(mask, log_z - picked, 0.0)
+    return jnp.where(mask, log_z - picked, 0.0), mask & (picked >= top)
+
+
+def cross_entropy(logits: Array, targets: Array, mask: Array) -> Array:
+    """Per-position CE `[...]` in float32: logits `[..., V]`, int targets `[...]`, bool mask `[...]`; 0 where
+    masked (the targets there may be anything, e.g. -1; masked logits may be any finite values)."""
+    return _ce_and_hits(logits, targets, mask)[0]
 
 
 def _weighted_mean(values: Array, weights: Array) -> Array:
@@ -46,9 +54,8 @@ def _weighted_mean(values: Array, weights: Array) -> Array:
     return jnp.where(norm > 0, total / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
-def _accuracy(logits: Array, targets: Array, mask: Array) -> Array:
-    hit = (jnp.argmax(logits, axis=-1) == targets) & mask
-    return _weighted_mean(hit.astype(jnp.float32), mask.astype(jnp.float32))
+def _accuracy(hits: Array, mask: Array) -> Array:
+    return _weighted_mean(hits.astype(jnp.float32), mask.astype(jnp.float32))
 
 
 def lm_loss(outputs: Any, codes: Array, lm_cfg: Any, text_padding_weight: float = 0.5,
@@ -74,18 +81,18 @@ def lm_loss(outputs: Any, codes: Array, lm_cfg: Any, text_padding_weight: float 
                              f"it should start with {shape} (logits, masks and codes do not line up)")
     text_t = codes[:, :1]
     text_mask = outputs.text_mask & (text_t >= 0)
-    text_ce = cross_entropy(outputs.text_logits, text_t, text_mask)
+    text_ce, text_hits = _ce_and_hits(outputs.text_logits, text_t, text_mask)
     pad_ids = (lm_cfg.existing_text_padding_id, lm_cfg.existing_text_end_padding_id)
     is_pad = (text_t == pad_ids[0]) | (text_t == pad_ids[1])
     text_w = text_mask.astype(jnp.float32) * jnp.where(is_pad, text_padding_weight, 1.0)
     text_loss = _weighted_mean(text_ce, text_w)
-    metrics = {"text_loss": text_loss, "text_accuracy": _accuracy(outputs.text_logits, text_t, text_mask)}
+    metrics = {"text_loss": text_loss, "text_accuracy": _accuracy(text_hits, text_mask)}
     loss = text_loss
 
     if dep_q:
         audio_t = codes[:, 1:1 + dep_q]
         audio_mask = outputs.audio_mask & (audio_t >= 0)
-        audio_ce = cross_entropy(outputs.audio_logits, audio_t, audio_mask)
+        audio_ce, audio_hits = _ce_and_hits(outputs.audio_logits, audio_t, audio_mask)
         mask_f = audio_mask.astype(jnp.float32)
         cb_mult = jnp.ones((dep_q,), jnp.float32).at[0].set(first_codebook_weight_multiplier)
         audio_loss = _weighted_mean(audio_ce, mask_f * cb_mult[None, :, None])
@@ -94,6 +101,6 @@ def lm_loss(outputs: Any, codes: Array, lm_cfg: Any, text_padding_weight: float 
             audio_loss=audio_loss,
             semantic_loss=_weighted_mean(audio_ce[:, 0], mask_f[:, 0]),
             acoustic_loss=_weighted_mean(audio_ce[:, 1:], mask_f[:, 1:]),
-            audio_accuracy=_accuracy(outputs.audio_logits, audio_t, audio_mask),
+            audio_accuracy=_accuracy(audio_hits, audio_mask),
         )
     return loss, metrics
