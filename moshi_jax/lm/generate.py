@@ -1,14 +1,21 @@
 """Streaming generation (reference `LMGen`) as one pure, jitted step over an explicit state pytree.
 
+    sparams = prepare_streaming_params(params, cfg)   # once
     state = init_gen_state(cfg, batch_size)
-    state, out = step(params, state, user_codes, rng, cfg=cfg, sampling=SamplingConfig())
+    state, out = step(sparams, state, user_codes, rng, cfg=cfg, sampling=SamplingConfig())
     # user_codes int32 [B, n_q - dep_q]: the user's Mimi codes of the latest 80 ms frame
     # out.text [B], out.audio [B, dep_q]: one time-aligned Moshi frame where out.valid [B]
 
 One call = one 80 ms frame: write the user's codes into the delay cache, gather the model input column,
 run the temporal transformer for one position (KV ring), sample the text token, then run the `dep_q`
-depth-transformer steps (a `fori_loop` inside the same compiled step), each sampling one audio codebook
-that feeds the next. The reference's alignment is kept exactly (spec section 2.9):
+depth-transformer steps (unrolled inside the same compiled step), each sampling one audio codebook
+that feeds the next.
+
+Speed: pass `prepare_streaming_params(params, cfg)` (converted once) instead of the raw params. It gives
+every temporal layer and every depth step its own weight buffers, which the step then reads in place; with
+raw params the step still works but slices the stacked weights (copies them) on every call.
+
+The reference's alignment is kept exactly (spec section 2.9):
 
 - the user frame passed at call `s` is time `s - 1` (the first call's user frame is never read);
 - the text / semantic tokens sampled at call `s` are time `s`, the acoustic tokens (delay 1) time `s - 1`;
