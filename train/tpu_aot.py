@@ -198,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             print(why, file=sys.stderr)
             return 2
         env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        # This environment's packages first (whichever env created the TPU venv): the worker then runs the
+        # same jax / flax as the caller, plus libtpu from the TPU venv.
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"],
+                                             env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         argv = sys.argv[1:] if argv is None else argv
         return subprocess.run([str(venv_python()), "-m", "train.tpu_aot", *argv], env=env, cwd=REPO).returncode
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # no TPU here: the host backend stays CPU, TPU is compile-only
