@@ -168,6 +168,7 @@ def section_latency(args, sec: Section) -> None:
             args.threads = min(calibration, key=calibration.get)
             log.info("reference threads: %d (calibration, median ms per frame: %s)", args.threads, calibration)
         n_lm = lm_model.param_count(params["lm"]) if hasattr(lm_model, "param_count") else None
+        params = engine.prepare_params(params)  # as a server would: streaming layout once, outside the step
         for B in args.batches:
             log.info("latency: %s batch %d (ours)", preset, B)
             row = {"config": preset, "batch": B, "lm_params": n_lm, "ours": time_ours(engine, params, B, warmup, iters)}
@@ -330,7 +331,7 @@ def asr_engine(weights_dir: str | None, delay_frames: int | None):
     prefix = round((_repo_delay(weights_dir, "stt_config", "audio_silence_prefix_seconds") or 0.0) * 12.5)
     cfg = EngineConfig(mode="asr", text_delay_frames=delay_frames, sampling=SamplingConfig.greedy())
     engine, params = Engine.load(weights_dir, preset="tiny", cfg=cfg, seed=0)
-    return engine, params, prefix
+    return engine, engine.prepare_params(params), prefix
 
 
 def transcribe(engine, params, audios: list[np.ndarray], prefix_frames: int = 0) -> list[str]:
@@ -418,6 +419,7 @@ def section_tts(args, sec: Section) -> None:
         delay = round(s * 12.5) if s is not None else 2
     cfg = EngineConfig(mode="tts", text_delay_frames=-delay)
     engine, params = Engine.load(args.weights_dir, preset="tiny", cfg=cfg, seed=0)
+    params = engine.prepare_params(params)
     max_frames = int(12.5 * (max(len(t.split()) for t in texts) * 0.8 + 4)) + delay
     t0 = time.perf_counter()
     audios = synthesize_tts(engine, params, texts, max_frames)
@@ -518,6 +520,7 @@ def section_server(args, sec: Section) -> None:
     rows = []
     for preset in args.server_configs:
         engine, params = Engine.load(None, preset=preset, seed=0)
+        params = engine.prepare_params(params)
         for n in args.server_clients:
             log.info("server: %s, %d clients", preset, n)
             row = asyncio.run(_serve_clients(engine, params, n, n_frames))

@@ -308,6 +308,13 @@ class Engine:
                 cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, **over))
         return cls(mimi_cfg, lm_cfg, cfg, tok), {"mimi": mimi_params, "lm": lm_params}
 
+    def prepare_params(self, params: Params) -> Params:
+        """Lay the LM params out for streaming once, outside the step (`lm.model.prepare_streaming_params`:
+        per-layer / per-depth-step buffers that the compiled step reads in place instead of copying slices of
+        the stacked weights every frame). `step` accepts raw or prepared params with identical results; drop
+        the raw ones afterwards to save memory."""
+        return {"mimi": params["mimi"], "lm": gen.prepare_streaming_params(params["lm"], self.lm_cfg)}
+
     def _input_codebooks(self) -> int:
         """Mimi codebooks encoded per input frame: the user streams (dialogue), the model's own audio streams
         (asr), or 1 (tts encodes nothing; a minimal encoder state is kept for a uniform state layout)."""
