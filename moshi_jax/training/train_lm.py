@@ -435,8 +435,14 @@ def run(cfg: TrainConfig) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """`[config] key=value ...` -> train -> report dict."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print(f"configs: {', '.join(config_lib.available_configs())} (configs/<name>.py); keys: any TrainConfig field "
+              "as section.field=value. Same job: `moshi-jax train --help`.")
+        return {}
     setup_logging()
-    name, overrides = config_lib.main_overrides(sys.argv[1:] if argv is None else argv)
+    name, overrides = config_lib.main_overrides(argv)
     return run(config_lib.load_config(name, overrides))
 
 
