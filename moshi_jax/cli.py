@@ -32,28 +32,16 @@ def _mimi_config(preset: str):
 
 
 def _load_codec(weights: str | None, seed: int, preset: str = "released"):
-    import jax
 
     from moshi_jax.mimi import checkpoint as mimi_ckpt
     from moshi_jax.mimi.model import MimiCodec
 
     cfg = _mimi_config(preset)
     codec = MimiCodec(cfg)
-    if weights is None:
-        log.warning("=" * 78)
-        log.warning("NO --weights GIVEN: using a RANDOMLY INITIALISED Mimi (seed %d).", seed)
-        log.warning("The codes and audio are meaningless; pass --weights tokenizer-e351c8d8-checkpoint125.safetensors")
-        log.warning("=" * 78)
-        params = codec.init(jax.random.PRNGKey(seed))
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise CLIError(f"weights file not found: {path}")
-        log.info("loading Mimi weights from %s", path)
-        try:
-            params = mimi_ckpt.load_reference(str(path), cfg)
-        except (ValueError, KeyError, OSError) as e:
-            raise CLIError(f"cannot load Mimi weights from {path}: {e}") from e
+    try:
+        params = mimi_ckpt.load_or_random(weights, cfg, seed)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
     return cfg, codec, params
 
 

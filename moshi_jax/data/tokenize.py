@@ -386,29 +386,17 @@ def mimi_config(preset: str):
 
 def load_mimi(weights: str | Path | None = None, preset: str = "released", seed: int = 0):
     """(codec, params, description dict). Without weights: a seeded random Mimi, with a loud warning."""
-    import jax
-
+    from moshi_jax.mimi import checkpoint as mimi_ckpt
     from moshi_jax.mimi.model import MimiCodec
 
     cfg = mimi_config(preset)
     codec = MimiCodec(cfg)
-    if weights is None:
-        log.warning("=" * 78)
-        log.warning("NO MIMI WEIGHTS: tokenizing with a RANDOMLY INITIALISED Mimi (%s config, seed %d).", preset, seed)
-        log.warning("The audio tokens are NOT the released codec's: fine for smoke tests and demos only. Pass")
-        log.warning("--mimi-weights tokenizer-e351c8d8-checkpoint125.safetensors for real training data.")
-        log.warning("=" * 78)
-        params = codec.init(jax.random.PRNGKey(seed))
-    else:
-        from moshi_jax.mimi import checkpoint as mimi_ckpt
-
-        path = Path(weights)
-        if not path.is_file():
-            raise TokenizeError(f"Mimi weights not found: {path}")
-        try:
-            params = mimi_ckpt.load_reference(str(path), cfg)
-        except (ValueError, KeyError, OSError) as e:
-            raise TokenizeError(f"cannot load Mimi weights from {path}: {e}") from e
+    try:
+        params = mimi_ckpt.load_or_random(weights, cfg, seed, flag="--mimi-weights",
+                                          consequence="the audio tokens are NOT the released codec's (smoke "
+                                                      "tests and demos only)")
+    except ValueError as e:
+        raise TokenizeError(str(e)) from e
     desc = {"preset": preset, "weights": str(weights) if weights else None, "random": weights is None,
             "seed": seed if weights is None else None, "sample_rate": cfg.sample_rate, "frame_rate": cfg.frame_rate,
             "codebook_size": cfg.bins}

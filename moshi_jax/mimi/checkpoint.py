@@ -14,6 +14,7 @@ codebook centroid = embedding_sum / clamp(cluster_usage, eps).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ import numpy as np
 from flax import traverse_util
 
 from moshi_jax.mimi.config import MimiConfig
+
+log = logging.getLogger(__name__)
 
 Params = Any
 ParamPath = tuple[str, ...]
@@ -284,3 +287,26 @@ def reference_config(cfg: MimiConfig | None = None) -> dict[str, Any]:
     )
     return dict(sample_rate=cfg.sample_rate, channels=cfg.channels, frame_rate=cfg.frame_rate, seanet=seanet,
                 quantizer=quantizer, transformer=transformer)
+
+
+def load_or_random(weights: str | Path | None, cfg: MimiConfig, seed: int, *, flag: str = "--weights",
+                   consequence: str = "the codes and audio are meaningless") -> Params:
+    """Params from a reference Mimi safetensors file, or (weights None) a seeded random Mimi with a loud
+    warning naming the command-line `flag` that gives real weights. A missing or unloadable file is a
+    ValueError whose message names the file (callers turn it into their own user-facing error)."""
+    from moshi_jax.mimi.model import MimiCodec
+
+    if weights is None:
+        log.warning("=" * 78)
+        log.warning("NO MIMI WEIGHTS GIVEN: using a RANDOMLY INITIALISED Mimi (seed %d): %s.", seed, consequence)
+        log.warning("Pass %s tokenizer-e351c8d8-checkpoint125.safetensors for the released codec.", flag)
+        log.warning("=" * 78)
+        return MimiCodec(cfg).init(jax.random.PRNGKey(seed))
+    path = Path(weights)
+    if not path.is_file():
+        raise ValueError(f"Mimi weights file not found: {path}")
+    log.info("loading Mimi weights from %s", path)
+    try:
+        return load_reference(str(path), cfg)
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"cannot load Mimi weights from {path}: {e}") from e
