@@ -24,6 +24,7 @@ from flax import struct
 from moshi_jax.lm import delays as dl
 from moshi_jax.lm.config import LMConfig
 from moshi_jax.nn.attention import fan_in_normal
+from moshi_jax.nn.matmul import einsum
 from moshi_jax.nn.norms import Norm
 from moshi_jax.nn.transformer import (
     Transformer,
@@ -66,14 +67,19 @@ def _uniform_fan_in(fan_in: int):
     return init
 
 
-def _embed(table: Array, tokens: Array, dtype, stack_index: int | None = None) -> Array:
-    """Lookup with the reference's zero token: id -1 embeds to exactly 0 (ids are clamped at 0 first).
-    `stack_index`: `table` is a stack `[n, V, dim]` and rows come from table `stack_index` (gathered in
-    place: slicing the table out first would copy it)."""
-    if stack_index is not None:
-        ids = jnp.clip(tokens, 0, table.shape[1] - 1)
-        return jnp.where((tokens == -1)[..., None], jnp.zeros((), dtype), table[stack_index, ids].astype(dtype))
+def _embed(table: Array, tokens: Array, dtype) -> Array:
+    """Lookup with the reference's zero token: id -1 embeds to exactly 0 (ids are clamped at 0 first)."""
     y = jnp.take(table, jnp.maximum(tokens, 0), axis=0, mode="clip").astype(dtype)
+    return jnp.where((tokens == -1)[..., None], jnp.zeros((), dtype), y)
+
+
+def _embed_stacked(tables: Array, tokens: Array, dtype) -> Array:
+    """tables `[n, V, dim]`, tokens `[B, n, T]` (row k looked up in table k) -> `[B, n, T, dim]`, as `_embed`.
+    One gather from the flattened tables: per-table lookups would each make (in the backward pass) a
+    full-size gradient of the whole stack, summed afterwards."""
+    n, V, dim = tables.shape
+    ids = jnp.clip(tokens, 0, V - 1) + (V * jnp.arange(n, dtype=jnp.int32))[:, None]
+    y = jnp.take(tables.reshape(n * V, dim), ids, axis=0).astype(dtype)
     return jnp.where((tokens == -1)[..., None], jnp.zeros((), dtype), y)
 
 
@@ -135,12 +141,9 @@ class LMModel(nn.Module):
         if tokens.ndim != 3 or tokens.shape[1] != cfg.num_streams:
             raise ValueError(f"tokens must be [B, {cfg.num_streams}, T], got {tokens.shape}")
         dtype = jnp.dtype(cfg.temporal.dtype)
-        x = None
-        for k in range(cfg.n_q):  # reference order: audio streams, then text
-            e = _embed(self.emb, tokens[:, 1 + k], dtype, k)
-            x = e if x is None else x + e
-        e = _embed(self.text_emb, tokens[:, 0], dtype)
-        x = e if x is None else x + e
+        x = _embed(self.text_emb, tokens[:, 0], dtype)
+        if cfg.n_q:  # sum of the audio streams' embeddings, then the text's (the reference's order)
+            x = _embed_stacked(self.emb, tokens[:, 1:], dtype).sum(axis=1, dtype=jnp.float32).astype(dtype) + x
         if layers is None:
             x, state = self.transformer(x, state)
         else:
@@ -149,7 +152,7 @@ class LMModel(nn.Module):
             x, state = stream_layers(cfg.temporal, layers, x, state)
         hidden = self.out_norm(x)
         # In the compute dtype like the reference's Linear, then float32 for the softmax / sampling.
-        text_logits = jnp.einsum("btd,dv->btv", hidden, self.text_linear.astype(dtype)).astype(jnp.float32)
+        text_logits = einsum("btd,dv->btv", hidden, self.text_linear.astype(dtype), jnp.float32)
         return hidden, text_logits, state
 
     # ------------------------------------------------------------------ depth transformer
@@ -162,7 +165,7 @@ class LMModel(nn.Module):
         dtype = jnp.dtype(self.cfg.depth.dtype)
         y = _embed(table, tokens, dtype)
         if low_rank is not None:
-            y = y @ low_rank.astype(dtype)
+            y = einsum("...r,rd->...d", y, low_rank.astype(dtype))
         return y
 
     def depth(self, hidden: Array, tokens: Array) -> Array:
@@ -179,15 +182,17 @@ class LMModel(nn.Module):
         r = cfg.depformer_low_rank_embeddings
         idx = jnp.asarray([cfg.depformer_in_index(k) for k in range(Ka)], jnp.int32)
         dtype = jnp.dtype(cfg.depth.dtype)
-        proj = jnp.einsum("btd,kde->btke", hidden.astype(dtype), self.depformer_in[idx].astype(dtype))
-        tok = [self._dep_token_emb(tokens[:, 0], self.depformer_text_emb,
-                                   None if r is None else self.depformer_text_emb_low_rank)]
-        for k in range(1, Ka):
-            tok.append(self._dep_token_emb(tokens[:, k], self.depformer_emb[k - 1],
-                                           None if r is None else self.depformer_emb_low_rank[k - 1]))
-        x = jnp.stack(tok, axis=2) + proj  # [B, T, Ka, dep_dim]
+        proj = einsum("btd,kde->btke", hidden.astype(dtype), self.depformer_in[idx].astype(dtype))
+        text_e = self._dep_token_emb(tokens[:, 0], self.depformer_text_emb,
+                                     None if r is None else self.depformer_text_emb_low_rank)[:, None]
+        if Ka > 1:
+            audio_e = _embed_stacked(self.depformer_emb, tokens[:, 1:], dtype)  # [B, Ka-1, T, width]
+            if r is not None:
+                audio_e = einsum("bktr,krd->bktd", audio_e, self.depformer_emb_low_rank.astype(dtype))
+            text_e = jnp.concatenate([text_e, audio_e], axis=1)
+        x = text_e.transpose(0, 2, 1, 3) + proj  # [B, T, Ka, dep_dim]
         y, _ = self.depformer(x.reshape(B * T, Ka, -1))
-        logits = jnp.einsum("nkd,kdc->nkc", y, self.linears.astype(y.dtype)).astype(jnp.float32)
+        logits = einsum("nkd,kdc->nkc", y, self.linears.astype(y.dtype), jnp.float32)
         return logits.reshape(B, T, Ka, -1).transpose(0, 2, 1, 3)
 
     def depth_step(self, hidden: Array, token: Array, k: Array, state: TransformerState

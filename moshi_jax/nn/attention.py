@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from moshi_jax.nn import kv_cache as kvc
+from moshi_jax.nn.matmul import einsum
 from moshi_jax.nn.rope import apply_rope
 
 Array = jax.Array
@@ -33,16 +34,16 @@ def apply_kernel(spec: str, x: Array, kernel: Array, step_index: Array | None, d
     """`einsum(spec)` of x `[B, T, ...]` with a plain kernel, or with per-step kernels gathered at
     `step_index` `[T]` (the kernel's leading axis); the kernel is cast to `dtype` after the gather."""
     if step_index is None:
-        return jnp.einsum(spec, x, kernel if dtype is None else kernel.astype(dtype))
+        return einsum(spec, x, kernel if dtype is None else kernel.astype(dtype))
     if step_index.shape[0] == 1:
         # One position (streaming): slice this step's kernel and use a plain dot. A batched dot over a size-1
         # step axis makes XLA (CPU) copy and transpose the step's weights first.
         kernel = jax.lax.dynamic_index_in_dim(kernel, step_index[0], axis=0, keepdims=False)
-        return jnp.einsum(spec, x, kernel if dtype is None else kernel.astype(dtype))
+        return einsum(spec, x, kernel if dtype is None else kernel.astype(dtype))
     lhs, out = spec.split("->")
     xs, ks = lhs.split(",")
     kernel = kernel[step_index]
-    return jnp.einsum(f"{xs},t{ks}->{out}", x, kernel if dtype is None else kernel.astype(dtype))
+    return einsum(f"{xs},t{ks}->{out}", x, kernel if dtype is None else kernel.astype(dtype))
 
 
 def _stacked(init, mult: int):
@@ -57,7 +58,7 @@ def dot_attention(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, caus
                   context: int | None) -> Array:
     """q `[B, T, H, D]`, k/v `[B, S, H, D]`, positions `[B, T]` / `[B, S]` (-1 = empty slot)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale
+    scores = einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale
     valid = k_pos[:, None, :] >= 0
     if causal:
         delta = q_pos[:, :, None] - k_pos[:, None, :]
@@ -66,7 +67,7 @@ def dot_attention(q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, caus
             valid = valid & (delta < context)
     scores = jnp.where(valid[:, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", probs, v)
+    return einsum("bhts,bshd->bthd", probs, v)
 
 
 class Attention(nn.Module):

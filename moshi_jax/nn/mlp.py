@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from moshi_jax.nn.attention import apply_kernel, fan_in_normal, per_step_param
+from moshi_jax.nn.matmul import einsum
 
 Array = jax.Array
 
@@ -49,7 +50,7 @@ class MLP(nn.Module):
             w2 = self.param("linear2", nn.with_logical_partitioning(
                 fan_in_normal(self.dim_feedforward), ("mlp", "embed")), (self.dim_feedforward, self.dim),
                 self.param_dtype)
-            return act(x @ w1.astype(self.dtype)) @ w2.astype(self.dtype)
+            return einsum("btf,fd->btd", act(einsum("btd,df->btf", x, w1.astype(self.dtype))), w2.astype(self.dtype))
         act = ACTIVATIONS[self.gating]
         hidden = gated_hidden_dim(self.dim, self.dim_feedforward)
         w_in = per_step_param(self, "linear_in", (self.dim, 2, hidden), ("embed", "gate", "mlp"),

@@ -47,6 +47,10 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # "none" | "full" | "dots" (rematerialisation policy for training)
+    # One-shot (training) stack as a rolled loop (compile time independent of depth) or unrolled: XLA:CPU
+    # copies each layer's saved activations into the stacked residual buffers of a rolled loop (~1.5 s of a
+    # 4.4 s bench_111m train step), so shallow stacks train faster unrolled. Params are stacked either way.
+    scan_layers: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -159,6 +163,7 @@ class Transformer(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast),
                 length=cfg.num_layers,
+                unroll=1 if cfg.scan_layers else cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
             x, _ = stack(x, None, positions, step_index)

@@ -196,6 +196,7 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"  # activations / matmuls; params are cast inside the step
     param_dtype: str = "float32"  # master weights and optimizer state
     remat: str = "none"  # per-layer rematerialisation: none | full | dots | dots_no_batch
+    scan_layers: bool = True  # False: unroll the layer stacks in the train step (faster for shallow models)
     init_from: str | None = None  # reference checkpoint (safetensors) to start from; None: random init
     eval_every: int = 0  # 0: no eval
     eval_batches: int = 4
@@ -431,8 +432,8 @@ def build_lm_config(cfg: TrainConfig):
 
 
 def _apply_compute_settings(lm: Any, cfg: TrainConfig) -> Any:
-    """Set compute dtype / param dtype / remat on the LM config and on every nested dataclass that has those
-    fields (e.g. the temporal and depth TransformerConfigs): one source of truth, the TrainConfig."""
+    """Set compute dtype / param dtype / remat / scan_layers on the LM config and on every nested dataclass that
+    has those fields (e.g. the temporal and depth TransformerConfigs): one source of truth, the TrainConfig."""
     updates = {}
     for f in dataclasses.fields(lm):
         value = getattr(lm, f.name)
@@ -442,6 +443,8 @@ def _apply_compute_settings(lm: Any, cfg: TrainConfig) -> Any:
             updates[f.name] = cfg.param_dtype
         elif f.name == "remat":
             updates[f.name] = cfg.remat
+        elif f.name == "scan_layers":
+            updates[f.name] = cfg.scan_layers
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             updates[f.name] = _apply_compute_settings(value, cfg)
     return dataclasses.replace(lm, **updates) if updates else lm
