@@ -6,21 +6,23 @@ train step (`moshi_jax.training.step`, jitted, state donated, one device = all h
 `moshi.models.lm.LMModel` with the identical weights (exported from it and imported here), the same loss
 written out as in moshi-finetune, `clip_grad_norm_` and `torch.optim.AdamW`. Both in float32 (default), or both
 computing in bfloat16 with `--dtype bfloat16` (moshi-jax: float32 master weights cast inside the step; the
-reference: its module cast to bf16, AdamW on the bf16 params).
+reference: its module cast to bf16, AdamW on the bf16 params), or each in its own with `--ref-dtype`.
 
     python -m benchmarks.bench_train                          # bench_111m, B=4, T=256 (the issue's setting)
+    python -m benchmarks.bench_train --dtype bfloat16 --ref-dtype float32   # our default recipe vs the f32 ref
     python -m benchmarks.bench_train --config tiny --batch 8 --frames 64 --no-reference
 
 The timed steps alternate (ours, reference, ours, ...) so that on a shared machine both see the same
 background load. Reports steady-state step time (median), frames/s (B*T per step; x9 for text + 8
 predicted audio tokens), the ratio, JAX compile time apart, the first-step loss of both (they must agree:
 same weights, same batch; bf16: close, not equal), and achieved model FLOP/s over the box's measured matmul
-peak in that dtype.
+peak in each side's dtype.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -90,10 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads for the reference")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype of both (moshi-jax keeps float32 master weights; the reference model is cast)")
+    p.add_argument("--ref-dtype", default=None, choices=("float32", "bfloat16"),
+                   help="compute dtype of the reference (default: --dtype). `--dtype bfloat16 --ref-dtype float32` "
+                        "compares moshi-jax's default mixed-precision recipe with the float32 reference")
     p.add_argument("--remat", default="none", help="moshi-jax remat policy (none | full | dots | dots_no_batch)")
     p.add_argument("--no-reference", action="store_true", help="time moshi-jax only")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="keep glibc's default malloc (returns big freed buffers to the OS: page faults every step)")
     p.add_argument("--json", default=None, help="write results as JSON here")
     args = p.parse_args(argv)
+    ref_dtype = args.ref_dtype or args.dtype
+    from benchmarks.common import keep_freed_memory
+
+    keep_freed_memory(not args.no_malloc_tuning)  # re-execs once (before any work) so that it applies to both
 
     import jax
     import numpy as np
@@ -121,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = build_state_spec(program.task, tx, mesh, LOGICAL_AXIS_RULES)
     n_params = count_params(spec.abstract_params)
     print(f"config {args.config} ({cfg.model.preset}): {n_params / 1e6:.1f}M params, batch {B} x {T} frames, "
-          f"{args.dtype}, remat {args.remat}; jax devices: {jax.devices()}", flush=True)
+          f"{args.dtype}, remat {args.remat}; jax devices: {jax.devices()}; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')}", flush=True)
 
     ref = None
     if not args.no_reference:
@@ -133,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = loaders.get_moshi_lm(None, lm_kwargs=lm_cfg.to_reference_kwargs(), device="cpu", dtype=torch.float32)
         ref.train()
         sd = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
-        ref = ref.to(getattr(torch, args.dtype))  # bfloat16: AdamW directly on bf16 params (cheaper than master copies)
+        ref = ref.to(getattr(torch, ref_dtype))  # bfloat16: AdamW directly on bf16 params (cheaper than master copies)
         params = lm_checkpoint.load_reference(sd, lm_cfg)
         state, frozen = init_from_params(spec, params, tx, cfg.seed)
     else:
@@ -176,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"first-step loss: moshi-jax {jax_first_loss:.5f}, reference {ref_first_loss:.5f}", flush=True)
 
     # Interleaved (ours, reference, ours, ...): on a shared machine both see the same background load.
-    peaks_before = _measure_matmul_peak(args.dtype)
+    dtypes = sorted({args.dtype, ref_dtype})
+    peaks_before = {dt: _measure_matmul_peak(dt) for dt in dtypes}
     times: list[float] = []
     ref_times: list[float] = []
     for _ in range(args.steps):
@@ -192,12 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reference: steady {ref_step:.3f}s/step (samples {', '.join(f'{t:.3f}' for t in ref_times)})",
               flush=True)
 
-    peaks = {k: max(v, _measure_matmul_peak(args.dtype).get(k, 0.0)) for k, v in peaks_before.items()}
-    peak = max(peaks.values())  # best of before / after the timed steps
+    peaks = {dt: {k: max(v, _measure_matmul_peak(dt).get(k, 0.0)) for k, v in peaks_before[dt].items()}
+             for dt in dtypes}  # best of before / after the timed steps
+    peak, ref_peak = max(peaks[args.dtype].values()), max(peaks[ref_dtype].values())
     frames = B * T
     tokens = frames * (1 + lm_cfg.dep_q)
-    rows = [Row("train step (fwd+bwd+AdamW)", jax_step, ref_step, jax_compile, note=f"B={B}, T={T}, {args.dtype}")]
-    title = f"Train step, {cfg.model.preset} ({n_params / 1e6:.1f}M params), {args.dtype}, 2-core CPU box"
+    rows = [Row("train step (fwd+bwd+AdamW)", jax_step, ref_step, jax_compile,
+                note=f"B={B}, T={T}, ours {args.dtype} / ref {ref_dtype}")]
+    title = (f"Train step, {cfg.model.preset} ({n_params / 1e6:.1f}M params), moshi-jax {args.dtype} vs reference "
+             f"{ref_dtype}, 2-core CPU box")
     print()
     print_table(title, rows)
     print()
@@ -212,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     flops = program.flops_per_step
     print(f"| model FLOP/s (analytic {flops:.3g} FLOPs/step) | {flops / jax_step:.3g} | "
           f"{flops / ref_step:.3g} | |" if ref_step else f"| model FLOP/s | {flops / jax_step:.3g} | - | |")
-    ref_frac = f"{flops / ref_step / peak:.1%}" if ref_step else "-"
-    print(f"| fraction of measured matmul peak ({peak:.3g} FLOP/s) | {flops / jax_step / peak:.1%} | {ref_frac} | |")
-    print(f"\nmatmul peak ({args.dtype}, 2048^3): " + ", ".join(f"{k} {v:.3g} FLOP/s" for k, v in peaks.items()))
+    ref_frac = f"{flops / ref_step / ref_peak:.1%} of {ref_peak:.3g} ({ref_dtype})" if ref_step else "-"
+    print(f"| fraction of measured matmul peak | {flops / jax_step / peak:.1%} of {peak:.3g} ({args.dtype}) | "
+          f"{ref_frac} | |")
+    for dt in dtypes:
+        print(f"matmul peak ({dt}, 2048^3): " + ", ".join(f"{k} {v:.3g} FLOP/s" for k, v in peaks[dt].items()))
     print("note: the CPU is shared with other jobs; numbers are noisy (medians of "
           f"{args.steps} steps).")
     write_results(args.json, title, rows, {
