@@ -24,10 +24,10 @@ def _full_ring_state(state, cfg):
     import jax.numpy as jnp
 
     n = cfg.temporal.context + 7
-    C = state.temporal.layers.positions.shape[-1]
+    C = cfg.temporal.context
     slots = jnp.arange(C)
     pos = (n - 1) - ((n - 1 - slots) % C)  # the latest position p <= n - 1 with p % C == slot
-    layers = state.temporal.layers.replace(positions=jnp.broadcast_to(pos, state.temporal.layers.positions.shape))
+    layers = tuple(c.replace(positions=jnp.broadcast_to(pos, c.positions.shape)) for c in state.temporal.layers)
     # two distinct buffers: the step donates its state, and a buffer cannot be donated twice
     temporal = state.temporal.replace(offset=jnp.full_like(state.offsets, n), layers=layers)
     return state.replace(temporal=temporal, offsets=jnp.full_like(state.offsets, n),

@@ -85,7 +85,7 @@ def init_gen_state(cfg: LMConfig, batch_size: int, pad_bias: float | Array = 0.0
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return GenState(
-        temporal=lm_model.init_temporal_state(cfg, batch_size),
+        temporal=lm_model.init_temporal_state(cfg, batch_size, per_layer=True),
         cache=jnp.full((batch_size, cfg.num_streams, cfg.max_delay + 2), cfg.ungenerated_token_id, jnp.int32),
         offsets=jnp.zeros((batch_size,), jnp.int32),
         pad_bias=jnp.broadcast_to(jnp.asarray(pad_bias, jnp.float32), (batch_size,)),
@@ -101,7 +101,10 @@ def reset(state: GenState, mask: Array) -> GenState:
     if mask.shape != state.offsets.shape:
         raise ValueError(f"reset mask must have shape {state.offsets.shape}, got {mask.shape}")
     t = state.temporal
-    layers = t.layers.replace(positions=jnp.where(mask[None, :, None], -1, t.layers.positions))
+    if isinstance(t.layers, tuple):
+        layers = tuple(c.replace(positions=jnp.where(mask[:, None], -1, c.positions)) for c in t.layers)
+    else:
+        layers = t.layers.replace(positions=jnp.where(mask[None, :, None], -1, t.layers.positions))
     return state.replace(
         temporal=TransformerState(offset=jnp.where(mask, 0, t.offset), layers=layers),
         cache=jnp.where(mask[:, None, None], -2, state.cache),
@@ -174,7 +177,7 @@ def _step(params: Params, state: GenState, user_codes: Array, rng: Array | None,
     audio = jnp.zeros((B, dep_q), jnp.int32)
     audio_logits = None
     if dep_q:
-        prev, dstate, toks, all_logits = text, lm_model.init_depth_state(cfg, B), [], []
+        prev, dstate, toks, all_logits = text, lm_model.init_depth_state(cfg, B, per_layer=True), [], []
         for k in range(dep_q):
             logits, dstate = lm_model.depth_step_prepared(cfg, sp.depth_steps[k], hidden, prev, dstate)
             key = None if k_audio is None else jax.random.fold_in(k_audio, k)

@@ -319,16 +319,18 @@ def depth_step_prepared(cfg: LMConfig, step: dict[str, Any], hidden: Array, toke
     return logits, state
 
 
-def init_temporal_state(cfg: LMConfig, batch_size: int) -> TransformerState:
-    """Fresh streaming state of the temporal transformer (KV rings of `temporal.context` steps)."""
-    return init_state(cfg.temporal, batch_size)
+def init_temporal_state(cfg: LMConfig, batch_size: int, per_layer: bool = False) -> TransformerState:
+    """Fresh streaming state of the temporal transformer (KV rings of `temporal.context` steps). `per_layer`:
+    one ring per layer, for generation with `StreamingParams` (`stream_layers`); else stacked (`LMModel`)."""
+    return init_state(cfg.temporal, batch_size, per_layer=per_layer)
 
 
-def init_depth_state(cfg: LMConfig, batch_size: int) -> TransformerState:
-    """Fresh depformer state for one time step (KV rings of dep_q steps, offset 0)."""
+def init_depth_state(cfg: LMConfig, batch_size: int, per_layer: bool = False) -> TransformerState:
+    """Fresh depformer state for one time step (KV rings of dep_q steps, offset 0); `per_layer` as for
+    `init_temporal_state`."""
     if cfg.depth is None:
         raise ValueError("this LM has no depth transformer (dep_q == 0)")
-    return init_state(cfg.depth, batch_size)
+    return init_state(cfg.depth, batch_size, per_layer=per_layer)
 
 
 def init_params(cfg: LMConfig, key: Array, seq_len: int = 2):

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import struct
 
 Array = jax.Array
-_CHUNK = 512  # attention walks the ring in chunks of at most this many slots (see `attend`)
+_CHUNK = 512  # attention walks a stacked ring in chunks of at most this many slots (see `attend`)
+_PREFIX = 64  # smallest prefix of a per-layer ring that attention reads (see `prefix_sizes`)
 
 
 @struct.dataclass
@@ -63,15 +64,73 @@ def _chunk_size(capacity: int, max_chunk: int = _CHUNK) -> int:
     return capacity
 
 
+def _valid(kp: Array, q_pos: Array, causal: bool, context: int | None) -> Array:
+    """kp `[B, S]` slot positions, q_pos `[B, T]` -> `[B, 1, T, S]` (broadcast over heads) mask."""
+    valid = (kp >= 0)[:, None, :]  # [B, 1, S]
+    if causal:
+        delta = q_pos[:, :, None] - kp[:, None, :]  # [B, T, S]
+        valid = valid & (delta >= 0)
+        if context is not None:
+            valid = valid & (delta < context)
+    return valid[:, None]
+
+
+def prefix_sizes(capacity: int, smallest: int = _PREFIX) -> tuple[int, ...]:
+    """The ring prefixes `attend` may read from a per-layer cache: smallest, 2x, 4x, ... below capacity, and
+    the whole ring."""
+    sizes = []
+    s = smallest
+    while s < capacity:
+        sizes.append(s)
+        s *= 2
+    return (*sizes, capacity)
+
+
+def _attend_prefix(q: Array, cache: KVCache, q_pos: Array, causal: bool, context: int | None,
+                   smallest: int = _PREFIX) -> Array:
+    """`attend` for one layer's own ring: read only the prefix of slots that can be written (static sizes
+    picked with `lax.switch`; slots fill from 0 up until the ring is full), the whole ring in place once full.
+    No chunk copies: a slice that is the whole buffer is read where it is."""
+    B, T, H, D = q.shape
+    C = cache.positions.shape[-1]
+    sizes = prefix_sizes(C, smallest)
+    scale = 1.0 / math.sqrt(D)
+    dtype = q.dtype
+
+    def branch(S):
+        def run(q, keys, values, positions, q_pos):
+            ks, vs, kp = (keys, values, positions) if S == C else (keys[..., :S], values[:, :, :S], positions[:, :S])
+            s = jnp.einsum("bthd,bhds->bhts", q, ks.astype(dtype), preferred_element_type=jnp.float32) * scale
+            s = jnp.where(_valid(kp, q_pos, causal, context), s, -jnp.inf)
+            m = s.max(-1, keepdims=True)
+            p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+            den = p.sum(-1)
+            acc = jnp.einsum("bhts,bhsd->bhtd", p.astype(dtype), vs.astype(dtype), preferred_element_type=jnp.float32)
+            return acc / jnp.where(den > 0, den, 1.0)[..., None]
+        return run
+
+    args = (q, cache.keys, cache.values, cache.positions, q_pos)
+    if len(sizes) == 1:
+        out = branch(C)(*args)
+    else:
+        need = jnp.max(q_pos) + 1  # slots < need can be written while the ring is not full
+        index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), jnp.minimum(need, C))
+        out = jax.lax.switch(index, [branch(S) for S in sizes], *args)
+    return out.transpose(0, 2, 1, 3).astype(dtype)
+
+
 def attend(q: Array, cache: KVCache, q_pos: Array, causal: bool, context: int | None,
-           layer: Array | None = None, max_chunk: int = _CHUNK) -> Array:
+           layer: Array | None = None, max_chunk: int = _CHUNK, min_prefix: int = _PREFIX) -> Array:
     """Attention of q `[B, T, H, D]` at absolute positions `q_pos` `[B, T]` over the ring (after `write`)
     -> `[B, T, H, D]`. Key slot valid iff its position >= 0 and (causal) 0 <= q_pos - pos < context.
 
-    The ring is read in chunks with an online softmax, and only the chunks that can hold a written slot
-    are visited (slots fill from 0 up: positions p <= max(q_pos) live in slots <= p while the ring is not
-    full), so the cost grows with the stream's length up to the capacity instead of always paying for
-    the whole ring. Scores and softmax in float32."""
+    Only the slots that can hold a written key are read (slots fill from 0 up: positions p <= max(q_pos)
+    live in slots <= p while the ring is not full), so the cost grows with the stream's length up to the
+    capacity instead of always paying for the whole ring. A layer's own ring (`layer` None) is read as a
+    prefix (`_attend_prefix`); a stacked ring in chunks with an online softmax. Scores and softmax in
+    float32."""
+    if layer is None:
+        return _attend_prefix(q, cache, q_pos, causal, context, min_prefix)
     B, T, H, D = q.shape
     C = cache.positions.shape[-1]
     S = _chunk_size(C, max_chunk)
@@ -90,13 +149,7 @@ def attend(q: Array, cache: KVCache, q_pos: Array, causal: bool, context: int | 
             vs = jax.lax.dynamic_slice(cache.values, (layer, 0, 0, start, 0), (1, B, H, S, D))[0]
             kp = jax.lax.dynamic_slice(cache.positions, (layer, 0, start), (1, B, S))[0]
         s = jnp.einsum("bthd,bhds->bhts", q, ks.astype(dtype), preferred_element_type=jnp.float32) * scale
-        valid = (kp >= 0)[:, None, :]  # [B, 1, S]
-        if causal:
-            delta = q_pos[:, :, None] - kp[:, None, :]  # [B, T, S]
-            valid = valid & (delta >= 0)
-            if context is not None:
-                valid = valid & (delta < context)
-        return jnp.where(valid[:, None], s, -jnp.inf), vs.astype(dtype)
+        return jnp.where(_valid(kp, q_pos, causal, context), s, -jnp.inf), vs.astype(dtype)
 
     def accumulate(i, carry):
         m, den, acc = carry  # running max [B, H, T], denominator [B, H, T], numerator [B, H, T, D] (float32)

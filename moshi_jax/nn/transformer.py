@@ -84,14 +84,23 @@ class TransformerConfig:
 @struct.dataclass
 class TransformerState:
     offset: Array  # [B] int32: absolute position of the next step
-    layers: kvc.KVCache  # leaves stacked [L, B, ...]
+    # leaves stacked [L, B, ...] (the scanned `Transformer`), or one KVCache per layer (`stream_layers` only)
+    layers: kvc.KVCache | tuple[kvc.KVCache, ...]
 
 
-def init_state(cfg: TransformerConfig, batch_size: int, dtype: jnp.dtype | None = None) -> TransformerState:
-    """Fresh streaming state (empty KV rings, offset 0); needs no parameters."""
+def init_state(cfg: TransformerConfig, batch_size: int, dtype: jnp.dtype | None = None,
+               per_layer: bool = False) -> TransformerState:
+    """Fresh streaming state (empty KV rings, offset 0); needs no parameters. `per_layer`: a tuple of
+    separate per-layer rings (for `stream_layers`: each layer's ring is read in place, no stack slicing)."""
     dtype = dtype or jnp.dtype(cfg.dtype)
-    one = kvc.init_kv_cache(batch_size, cfg.cache_capacity, cfg.num_heads, cfg.head_dim, dtype)
-    layers = jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.num_layers,) + a.shape), one)
+
+    def one():
+        return kvc.init_kv_cache(batch_size, cfg.cache_capacity, cfg.num_heads, cfg.head_dim, dtype)
+
+    if per_layer:
+        layers = tuple(one() for _ in range(cfg.num_layers))
+    else:
+        layers = jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.num_layers,) + a.shape), one())
     return TransformerState(offset=jnp.zeros((batch_size,), jnp.int32), layers=layers)
 
 
@@ -142,6 +151,9 @@ class Transformer(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         in_dtype = x.dtype
+        if state is not None and isinstance(state.layers, tuple):
+            raise ValueError("per-layer KV caches (init_state(per_layer=True)) are for `stream_layers`; the "
+                             "scanned Transformer needs the stacked state")
         offset = jnp.zeros((B,), jnp.int32) if state is None else state.offset
         positions = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
         if cfg.positional_embedding in ("sin", "sin_rope"):
@@ -239,6 +251,15 @@ def stream_layers(cfg: TransformerConfig, layer_params: tuple[Any, ...], x: Arra
                 steps = jnp.asarray(cfg.weights_per_step_schedule, jnp.int32)[steps]
     caches = state.layers
     layer = TransformerLayer(layer_cfg, parent=None)
-    for i, p in enumerate(layer_params):
-        x, caches = layer.apply({"params": p}, x, caches, positions, steps, i)
+    if isinstance(caches, tuple):  # per-layer rings
+        if len(caches) != cfg.num_layers:
+            raise ValueError(f"expected {cfg.num_layers} per-layer KV caches, got {len(caches)}")
+        new = []
+        for p, cache in zip(layer_params, caches, strict=True):
+            x, cache = layer.apply({"params": p}, x, cache, positions, steps)
+            new.append(cache)
+        caches = tuple(new)
+    else:
+        for i, p in enumerate(layer_params):
+            x, caches = layer.apply({"params": p}, x, caches, positions, steps, i)
     return x.astype(in_dtype), TransformerState(offset=state.offset + T, layers=caches)

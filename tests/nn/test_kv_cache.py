@@ -36,13 +36,30 @@ def _plain(q, cache, q_pos, causal, context):
 
 @pytest.mark.parametrize("steps", [[1, 5, 3], [7, 12, 2], [30, 13, 4]])
 @pytest.mark.parametrize("max_chunk,context", [(4, 12), (3, 5), (12, None), (5, 7)])
-def test_chunked_attention_equals_plain_masked_attention(steps, max_chunk, context):
+def test_chunked_attention_over_a_stacked_ring_equals_plain_masked_attention(steps, max_chunk, context):
     cache = _filled_ring(steps)
+    stacked = jax.tree.map(lambda a: jnp.stack([jnp.zeros_like(a), a]), cache)  # layer 1 holds the ring
     q = jnp.asarray(np.random.default_rng(1).standard_normal((B, 1, H, D)), jnp.float32)
     q_pos = jnp.asarray([[s - 1] for s in steps], jnp.int32)  # each item queries at its last written position
-    got = kvc.attend(q, cache, q_pos, True, context, max_chunk=max_chunk)
+    got = kvc.attend(q, stacked, q_pos, True, context, layer=jnp.int32(1), max_chunk=max_chunk)
     want = _plain(q, cache, q_pos, True, context)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [[1, 1, 1], [1, 5, 3], [7, 12, 2], [30, 13, 4], [3, 0, 9]])
+@pytest.mark.parametrize("min_prefix,context", [(2, 12), (2, 5), (4, None), (64, 7)])
+def test_prefix_attention_over_a_layer_ring_equals_plain_masked_attention(steps, min_prefix, context):
+    # A layer's own ring is read as its smallest written prefix (2, 4, 8 or all 12 slots here), whole once full;
+    # an item with nothing written (steps 0, e.g. just reset) gets zeros, as in the chunked path.
+    cache = _filled_ring(steps)
+    q = jnp.asarray(np.random.default_rng(1).standard_normal((B, 1, H, D)), jnp.float32)
+    q_pos = jnp.asarray([[max(s - 1, 0)] for s in steps], jnp.int32)
+    got = jax.jit(lambda q, c, p: kvc.attend(q, c, p, True, context, min_prefix=min_prefix))(q, cache, q_pos)
+    want = _plain(q, cache, q_pos, True, context)
+    empty = np.asarray([s == 0 for s in steps])
+    np.testing.assert_allclose(np.asarray(got)[~empty], np.asarray(want)[~empty], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got)[empty], 0.0)
+    assert kvc.prefix_sizes(C, 2) == (2, 4, 8, 12) and kvc.prefix_sizes(C, 64) == (12,)
 
 
 def test_writes_go_to_position_modulo_capacity_in_the_stacked_layer():
