@@ -9,8 +9,9 @@ Two streaming-specific choices, both for speed (a streamed 80 ms frame feeds onl
 stack is bound by memory traffic, not arithmetic):
 - layers are unrolled, each with its own params (`layer_{i}`) and KV ring: under `scan`, every
   layer's weights are first copied out of the stacked array (about 40 % slower on CPU);
-- the ring stores keys `[B, H, Dh, C]` and values `[B, H, C, Dh]`, the layouts the two attention
-  matmuls read directly (with `[B, C, H, Dh]`, XLA transposes both rings in every layer and step).
+- the ring stores keys and values both `[B, H, Dh, C]`: both attention matmuls then contract the ring's
+  innermost axis and read it in place (with `[B, C, H, Dh]`, XLA transposes both rings in every layer and
+  step; values as `[B, H, C, Dh]` put the contraction on an outer axis, a slow matmul form on CPU).
 The ring semantics are the reference's `RingKVCache`: all new steps are written before attending
 (with 2 steps per call and a full ring, the first step loses its oldest key), slots hold absolute
 positions (-1 = empty), and a key is visible iff 0 <= q_pos - k_pos < context.
@@ -37,7 +38,7 @@ Array = jax.Array
 @struct.dataclass
 class RingCache:
     keys: Array  # [B, H, Dh, C]
-    values: Array  # [B, H, C, Dh]
+    values: Array  # [B, H, Dh, C]
     positions: Array  # [B, C] int32 absolute position held by each slot, -1 if empty
 
 
@@ -51,7 +52,7 @@ def init_stack_state(cfg: TransformerConfig, batch_size: int) -> StackState:
     """Fresh state (empty rings, offset 0); needs no params."""
     B, H, Dh, C = batch_size, cfg.num_heads, cfg.head_dim, cfg.cache_capacity
     dtype = jnp.dtype(cfg.dtype)
-    layers = tuple(RingCache(keys=jnp.zeros((B, H, Dh, C), dtype), values=jnp.zeros((B, H, C, Dh), dtype),
+    layers = tuple(RingCache(keys=jnp.zeros((B, H, Dh, C), dtype), values=jnp.zeros((B, H, Dh, C), dtype),
                              positions=jnp.full((B, C), -1, jnp.int32))
                    for _ in range(cfg.num_layers))
     return StackState(offset=jnp.zeros((B,), jnp.int32), layers=layers)
@@ -63,7 +64,7 @@ def _write(cache: RingCache, k: Array, v: Array, positions: Array) -> RingCache:
 
     def one(c: RingCache, kk: Array, vv: Array, pos: Array, sl: Array) -> RingCache:
         return RingCache(keys=c.keys.at[:, :, sl].set(kk.transpose(1, 2, 0).astype(c.keys.dtype)),
-                         values=c.values.at[:, sl].set(vv.transpose(1, 0, 2).astype(c.values.dtype)),
+                         values=c.values.at[:, :, sl].set(vv.transpose(1, 2, 0).astype(c.values.dtype)),
                          positions=c.positions.at[sl].set(pos))
 
     return jax.vmap(one)(cache, k, v, positions, slots)
@@ -76,7 +77,7 @@ def _ring_attention(q: Array, cache: RingCache, q_pos: Array, context: int) -> A
     delta = q_pos[:, :, None] - cache.positions[:, None, :]
     valid = (cache.positions[:, None, :] >= 0) & (delta >= 0) & (delta < context)
     probs = jax.nn.softmax(jnp.where(valid[:, None], scores, NEG_INF), axis=-1).astype(q.dtype)
-    return jnp.einsum("bhts,bhsd->bthd", probs, cache.values.astype(q.dtype))
+    return jnp.einsum("bhts,bhds->bthd", probs, cache.values.astype(q.dtype))
 
 
 class Attention(nn.Module):
