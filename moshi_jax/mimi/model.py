@@ -382,7 +382,7 @@ class MimiCodec:
                              "buffer whole frames before feeding Mimi")
         if frames is not None and T != frames * fs:
             raise ValueError(f"expected {frames} frame(s) of {fs} samples, got {T} samples")
-        return jnp.asarray(wav, jnp.float32)
+        return _as_dtype(wav, np.float32)
 
     def _check_codes(self, codes, batch: int | None = None, frames: int | None = None, check_range: bool = True):
         concrete = not isinstance(codes, jax.core.Tracer)
@@ -404,7 +404,15 @@ class MimiCodec:
             lo, hi = int(codes.min()), int(codes.max())
             if lo < 0 or hi >= self.cfg.bins:
                 raise ValueError(f"code values must be in [0, {self.cfg.bins - 1}], found range [{lo}, {hi}]")
-        return jnp.asarray(codes, jnp.int32)
+        return _as_dtype(codes, np.int32)
+
+
+def _as_dtype(x, dtype):
+    """x in `dtype` without a needless device op: a per-frame streaming call is dispatch-bound enough that
+    `jnp.asarray` (~0.5 ms) shows; numpy input stays numpy (jit transfers it in its C++ fast path)."""
+    if x.dtype == dtype:
+        return x
+    return x.astype(dtype) if isinstance(x, jax.Array | jax.core.Tracer) else np.asarray(x, dtype)
 
 
 
