@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ref_dtype = args.ref_dtype or args.dtype
     from benchmarks.common import keep_freed_memory
 
-    keep_freed_memory(not args.no_malloc_tuning)  # re-execs once (before any work) so that it applies to both
+    # re-execs once, before any work, so that it applies to both (only as a command: argv None)
+    keep_freed_memory(not args.no_malloc_tuning and argv is None)
 
     import jax
     import numpy as np
