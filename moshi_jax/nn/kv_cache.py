@@ -99,7 +99,8 @@ def _attend_prefix(q: Array, cache: KVCache, q_pos: Array, causal: bool, context
 
     def branch(S):
         def run(q, keys, values, positions, q_pos):
-            ks, vs, kp = (keys, values, positions) if S == C else (keys[..., :S], values[:, :, :S], positions[:, :S])
+            ks, vs, kp = (keys, values, positions) if S == C else (keys[..., :S], values[:, :, :S],
+                                                                   positions[:, :S])
             s = jnp.einsum("bthd,bhds->bhts", q, ks.astype(dtype), preferred_element_type=jnp.float32) * scale
             s = jnp.where(_valid(kp, q_pos, causal, context), s, -jnp.inf)
             m = s.max(-1, keepdims=True)
@@ -140,14 +141,9 @@ def attend(q: Array, cache: KVCache, q_pos: Array, causal: bool, context: int | 
 
     def chunk(i):
         start = i * S
-        if layer is None:
-            ks = jax.lax.dynamic_slice_in_dim(cache.keys, start, S, axis=3)
-            vs = jax.lax.dynamic_slice_in_dim(cache.values, start, S, axis=2)
-            kp = jax.lax.dynamic_slice_in_dim(cache.positions, start, S, axis=1)
-        else:
-            ks = jax.lax.dynamic_slice(cache.keys, (layer, 0, 0, 0, start), (1, B, H, D, S))[0]
-            vs = jax.lax.dynamic_slice(cache.values, (layer, 0, 0, start, 0), (1, B, H, S, D))[0]
-            kp = jax.lax.dynamic_slice(cache.positions, (layer, 0, start), (1, B, S))[0]
+        ks = jax.lax.dynamic_slice(cache.keys, (layer, 0, 0, 0, start), (1, B, H, D, S))[0]
+        vs = jax.lax.dynamic_slice(cache.values, (layer, 0, 0, start, 0), (1, B, H, S, D))[0]
+        kp = jax.lax.dynamic_slice(cache.positions, (layer, 0, start), (1, B, S))[0]
         s = jnp.einsum("bthd,bhds->bhts", q, ks.astype(dtype), preferred_element_type=jnp.float32) * scale
         return jnp.where(_valid(kp, q_pos, causal, context), s, -jnp.inf), vs.astype(dtype)
 
