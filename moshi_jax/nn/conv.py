@@ -59,6 +59,18 @@ def init_conv_transpose_state(
     return ConvTransposeState(partial=jnp.zeros((batch_size, kernel_size - stride, out_channels), dtype))
 
 
+_FEW = 4  # a streaming call with at most this many output steps computes the conv as one matmul
+
+
+def _few_outputs_conv(xp: Array, kernel: Array, stride: int, n_out: int) -> Array:
+    """VALID conv of xp `[B, T, C]` with kernel `[K, C, O]` for `n_out` (few) outputs as one matmul over the
+    stacked windows `[B, n_out, K * C]`: the kernel is read in place as `[K * C, O]` (a streamed frame is
+    bound by reading weights; XLA's conv path reads them slower for one or two outputs)."""
+    K, C, n_o = kernel.shape
+    windows = jnp.stack([xp[:, i * stride: i * stride + K] for i in range(n_out)], axis=1)
+    return jnp.einsum("bnx,xo->bno", windows.reshape(xp.shape[0], n_out, K * C), kernel.reshape(K * C, n_o))
+
+
 class StreamingConv1d(nn.Module):
     """Causal Conv1d: left pad (zeros, or copies of the first frame for `replicate`), no right pad.
 
@@ -103,11 +115,15 @@ class StreamingConv1d(nn.Module):
             previous = jnp.where(state.first[:, None, None], jnp.broadcast_to(x[:, :1], previous.shape),
                                  previous)
         xp = jnp.concatenate([previous, x], axis=1) if ctx else x
-        y = jax.lax.conv_general_dilated(
-            xp, kernel.astype(self.dtype), window_strides=(self.stride,), padding="VALID",
-            rhs_dilation=(self.dilation,), dimension_numbers=("NWC", "WIO", "NWC"),
-            feature_group_count=self.groups,
-        )
+        n_out = (xp.shape[1] - (self.kernel_size - 1) * self.dilation - 1) // self.stride + 1
+        if self.groups == 1 and self.dilation == 1 and n_out <= _FEW:
+            y = _few_outputs_conv(xp, kernel.astype(self.dtype), self.stride, n_out)
+        else:
+            y = jax.lax.conv_general_dilated(
+                xp, kernel.astype(self.dtype), window_strides=(self.stride,), padding="VALID",
+                rhs_dilation=(self.dilation,), dimension_numbers=("NWC", "WIO", "NWC"),
+                feature_group_count=self.groups,
+            )
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(_uniform(bound), ("conv_out",)),
                               (self.out_channels,), self.param_dtype)
