@@ -127,6 +127,15 @@ async def _wait_for(cond, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def _join(session, url, want_audio: int | None):
+    """Connect one client, start its reader and wait for the server's handshake -> (ws, log, reader task)."""
+    ws = await session.ws_connect(url)
+    log = ClientLog()
+    reader = asyncio.ensure_future(_reader(ws, log, want_audio))
+    await _wait_for(lambda: log.first is not None, "the handshake")
+    return ws, log, reader
+
+
 def test_concurrent_clients_get_handshake_then_audio_and_text_from_one_batched_engine(engine_and_params, speech):
     frames = 6  # 480 ms each; the first input frame is dropped as in the reference server -> 5 frames back
 
@@ -160,10 +169,7 @@ def test_the_server_sends_exactly_what_the_engine_computes_from_the_audio_it_rec
     frames = 6
 
     async def scenario(server, session, url):
-        ws = await session.ws_connect(url)
-        lg = ClientLog()
-        reader = asyncio.ensure_future(_reader(ws, lg, frames - 1))
-        await _wait_for(lambda: lg.first is not None, "the handshake")
+        ws, lg, reader = await _join(session, url, frames - 1)
         sent = await _send_audio(ws, speech[2], frames)
         await asyncio.wait_for(reader, TIMEOUT)
         try:  # the text piece of the last frame follows its audio
@@ -288,16 +294,10 @@ def test_malformed_messages_close_only_their_connection_with_a_clear_reason(engi
     frames = 8
 
     async def scenario(server, session, url):
-        good = await session.ws_connect(url)
-        glog = ClientLog()
-        greader = asyncio.ensure_future(_reader(good, glog, frames - 1))
-        await _wait_for(lambda: glog.first is not None, "the handshake")
+        good, glog, greader = await _join(session, url, frames - 1)
 
         async def bad_client(how, data):
-            ws = await session.ws_connect(url)
-            lg = ClientLog()
-            reader = asyncio.ensure_future(_reader(ws, lg, None))
-            await _wait_for(lambda: lg.first is not None, "the handshake")
+            ws, lg, reader = await _join(session, url, None)
             if how == "str":
                 await ws.send_str(data)
             else:
@@ -359,10 +359,7 @@ def test_an_engine_failure_closes_its_sessions_with_1011_and_the_server_keeps_se
     failing = _FailingOnce(engine)
 
     async def scenario(server, session, url):
-        ws = await session.ws_connect(url)
-        lg = ClientLog()
-        reader = asyncio.ensure_future(_reader(ws, lg, None))
-        await _wait_for(lambda: lg.first is not None, "the handshake")
+        ws, lg, reader = await _join(session, url, None)
         await _send_audio(ws, speech[0], 2)
         await _wait_for(lambda: lg.audio_msgs >= 1, "the first output")
         failing.fail = True
@@ -387,10 +384,7 @@ def test_an_engine_failure_closes_its_sessions_with_1011_and_the_server_keeps_se
 
 def test_a_client_buffering_more_audio_than_allowed_is_closed_with_1008(engine_and_params, speech):
     async def scenario(server, session, url):
-        ws = await session.ws_connect(url)
-        lg = ClientLog()
-        reader = asyncio.ensure_future(_reader(ws, lg, None))
-        await _wait_for(lambda: lg.first is not None, "the handshake")
+        ws, lg, reader = await _join(session, url, None)
         try:
             await _send_audio(ws, speech[0], 3, period_s=0.0)
         except ConnectionResetError:
