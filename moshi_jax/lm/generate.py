@@ -101,10 +101,7 @@ def reset(state: GenState, mask: Array) -> GenState:
     if mask.shape != state.offsets.shape:
         raise ValueError(f"reset mask must have shape {state.offsets.shape}, got {mask.shape}")
     t = state.temporal
-    if isinstance(t.layers, tuple):
-        layers = tuple(c.replace(positions=jnp.where(mask[:, None], -1, c.positions)) for c in t.layers)
-    else:
-        layers = t.layers.replace(positions=jnp.where(mask[None, :, None], -1, t.layers.positions))
+    layers = tuple(c.replace(positions=jnp.where(mask[:, None], -1, c.positions)) for c in t.layers)
     return state.replace(
         temporal=TransformerState(offset=jnp.where(mask, 0, t.offset), layers=layers),
         cache=jnp.where(mask[:, None, None], -2, state.cache),

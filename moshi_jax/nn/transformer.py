@@ -84,7 +84,7 @@ class TransformerConfig:
 @struct.dataclass
 class TransformerState:
     offset: Array  # [B] int32: absolute position of the next step
-    # leaves stacked [L, B, ...] (the scanned `Transformer`), or one KVCache per layer (`stream_layers` only)
+    # leaves stacked [L, B, ...] (the scanned `Transformer`), or one KVCache per layer (`stream_layers`)
     layers: kvc.KVCache | tuple[kvc.KVCache, ...]
 
 
@@ -227,8 +227,9 @@ def stream_layers(cfg: TransformerConfig, layer_params: tuple[Any, ...], x: Arra
                   step_index: int | None = None) -> tuple[Array, TransformerState]:
     """Streaming `Transformer(cfg)(x, state)` with per-layer params (`unstack_layers`), layers unrolled.
 
-    x `[B, T, d]` -> (y `[B, T, d]`, state advanced by T). Same maths as the scanned stack; the weights are
-    read where they are (no per-call copies). `step_index`: with per-step weights (`cfg.mult`), the entry
+    x `[B, T, d]` -> (y `[B, T, d]`, state advanced by T); `state` holds one KV ring per layer
+    (`init_state(per_layer=True)`). Same maths as the scanned stack; weights and rings are read where they
+    are (no per-call copies). `step_index`: with per-step weights (`cfg.mult`), the entry
     of the per-step kernels to use for every position (params from `select_step_weights` use 0); None
     computes it from the offset as `Transformer` does."""
     if len(layer_params) != cfg.num_layers:
@@ -249,17 +250,11 @@ def stream_layers(cfg: TransformerConfig, layer_params: tuple[Any, ...], x: Arra
             steps = state.offset[0] + jnp.arange(T, dtype=jnp.int32)
             if cfg.weights_per_step_schedule:
                 steps = jnp.asarray(cfg.weights_per_step_schedule, jnp.int32)[steps]
-    caches = state.layers
+    if not isinstance(state.layers, tuple) or len(state.layers) != cfg.num_layers:
+        raise ValueError(f"stream_layers needs {cfg.num_layers} per-layer KV caches (init_state(per_layer=True))")
     layer = TransformerLayer(layer_cfg, parent=None)
-    if isinstance(caches, tuple):  # per-layer rings
-        if len(caches) != cfg.num_layers:
-            raise ValueError(f"expected {cfg.num_layers} per-layer KV caches, got {len(caches)}")
-        new = []
-        for p, cache in zip(layer_params, caches, strict=True):
-            x, cache = layer.apply({"params": p}, x, cache, positions, steps)
-            new.append(cache)
-        caches = tuple(new)
-    else:
-        for i, p in enumerate(layer_params):
-            x, caches = layer.apply({"params": p}, x, caches, positions, steps, i)
-    return x.astype(in_dtype), TransformerState(offset=state.offset + T, layers=caches)
+    caches = []
+    for p, cache in zip(layer_params, state.layers, strict=True):
+        x, cache = layer.apply({"params": p}, x, cache, positions, steps)
+        caches.append(cache)
+    return x.astype(in_dtype), TransformerState(offset=state.offset + T, layers=tuple(caches))

@@ -2,12 +2,13 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moshi_jax.nn.transformer import Transformer, TransformerConfig, init_state
+from moshi_jax.nn.transformer import Transformer, TransformerConfig, init_state, stream_layers, unstack_layers
 
 
 def _setup(cfg: TransformerConfig, B=2, T=12, seed=0):
@@ -87,3 +88,19 @@ def test_unrolled_stack_equals_scanned_stack_in_value_and_gradient():
     v2, g2 = jax.value_and_grad(loss(unrolled))(params)
     np.testing.assert_allclose(v2, v1, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g2, g1)
+
+
+def test_stream_layers_over_per_layer_rings_equals_the_scanned_stack_and_refuses_the_other_layout():
+    cfg = TransformerConfig(d_model=16, num_heads=2, num_layers=2, dim_feedforward=32, context=4, gating="silu",
+                            norm="rms_norm_f32")
+    model, params, x = _setup(cfg, T=7)
+    layers = unstack_layers(nn.unbox(params["params"]["layers"]), cfg.num_layers)
+    stacked, per_layer = init_state(cfg, x.shape[0]), init_state(cfg, x.shape[0], per_layer=True)
+    for t in range(x.shape[1]):  # past the 4-slot window
+        want, stacked = model.apply(params, x[:, t:t + 1], stacked)
+        got, per_layer = stream_layers(cfg, layers, x[:, t:t + 1], per_layer)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="per-layer KV caches"):
+        stream_layers(cfg, layers, x[:, :1], stacked)
+    with pytest.raises(ValueError, match="per-layer KV caches"):
+        model.apply(params, x[:, :1], per_layer)
