@@ -7,259 +7,38 @@
 `main(argv)` parses `[config] key=value ...` (see moshi_jax.training.config). Without `data.sources` it builds
 the built-in dataset (synthetic two-voice speech with word timestamps, tokenized with Mimi) into
 `<run_dir>/data` (`data.builtin=random` trains on random tokens instead: machinery smoke tests). It then
-builds the LM program (`lm_program`) and runs the generic `train_loop`, which only needs a `Program`: the task
-(init + loss), the data iterators (Grain, checkpointable), and optional init/export hooks. A run resumes from
-the latest checkpoint in its checkpoint dir (data order included). At the end it writes the merged float32
+builds the LM's `Program` (`lm_program`: init + loss, the Grain token-grid iterators, reference-layout export)
+and runs the generic `train_loop` of moshi_jax.training.loop. A run resumes from the latest checkpoint in its
+checkpoint dir (data order included). At the end it writes the merged float32
 weights in the reference safetensors layout to `<run_dir>/export/` and a report (`report.json`, `report.md`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
 
 from moshi_jax.training import config as config_lib
-from moshi_jax.training.checkpointing import Checkpointer, CheckpointMismatchError
 from moshi_jax.training.config import TrainConfig
-from moshi_jax.training.metrics import MetricsLogger, guess_peak_flops
-from moshi_jax.training.optimizer import make_optimizer, make_schedule
-from moshi_jax.training.step import ShardedStep, make_eval_step, make_train_step
-from moshi_jax.training.train_state import (
-    TrainTask,
-    build_state_spec,
-    count_params,
-    export_params,
-    init_from_params,
-    init_train_state,
+from moshi_jax.training.loop import (  # noqa: F401 - the loop's names, re-exported for scripts and tests
+    Program,
+    axis_rules,
+    build_mesh,
+    setup_logging,
+    to_global,
+    train_loop,
+    write_report,
 )
+from moshi_jax.training.train_state import TrainTask
 
 logger = logging.getLogger("moshi_jax.train")
-
-
-@dataclasses.dataclass
-class Program:
-    """What `train_loop` needs from a model family."""
-
-    task: TrainTask
-    batch_shardings: Callable[[Mesh], dict[str, NamedSharding]]  # {batch key fed to the step: sharding}
-    train_iter: Callable[[], Iterator[dict]]  # a fresh, checkpointable (Grain) iterator of host batches
-    eval_iter: Callable[[], Iterator[dict]] | None = None
-    tokens_per_step: int = 0  # tokens per optimizer step, for tokens/s
-    flops_per_step: float = 0.0  # analytic model FLOPs per optimizer step, for MFU
-    init_params: Callable[[], Any] | None = None  # pretrained params (None: random init)
-    export: Callable[[Any, Path], list[Path]] | None = None  # merged float32 params -> written files
-
-
-def to_global(batch: dict, shardings: dict[str, NamedSharding]) -> dict:
-    """Host batch (this process's rows) -> global jax.Arrays with the batch shardings (keys not in
-    `shardings` are dropped: metadata the step does not use)."""
-    missing = set(shardings) - set(batch)
-    if missing:
-        raise KeyError(f"batch lacks {sorted(missing)}; it has {sorted(batch)}")
-    return {k: jax.make_array_from_process_local_data(s, np.asarray(batch[k])) for k, s in shardings.items()}
-
-
-def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_after: int | None = None) -> dict:
-    """Train to `cfg.steps` (or stop after `stop_after` more steps, as a preemption would, saving a checkpoint),
-    resuming from the latest checkpoint. Returns the report (also written to `<run_dir>/report.{json,md}`)."""
-    t_start = time.perf_counter()
-    run_dir = cfg.resolved_run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_json = config_lib.to_json(cfg)
-    (run_dir / "config.json").write_text(config_json)
-
-    from moshi_jax.training.mesh import batch_divisor
-
-    per_microbatch = cfg.data.batch_size // cfg.optimizer.microbatches
-    if per_microbatch % batch_divisor(mesh):
-        raise config_lib.ConfigError(
-            f"data.batch_size {cfg.data.batch_size} / optimizer.microbatches {cfg.optimizer.microbatches} = "
-            f"{per_microbatch} rows per microbatch, not divisible by the {batch_divisor(mesh)} batch shards of mesh "
-            f"{dict(mesh.shape)} (data x fsdp)")
-    tx = make_optimizer(cfg.optimizer, cfg.steps)
-    schedule = make_schedule(cfg.optimizer, cfg.steps)
-    spec = build_state_spec(program.task, tx, mesh, rules, cfg.lora)
-    batch_sh = program.batch_shardings(mesh)
-    step_fn = ShardedStep(make_train_step(program.task, spec.partition, tx, schedule,
-                                          microbatches=cfg.optimizer.microbatches,
-                                          compute_dtype=cfg.compute_dtype), spec, batch_sh)
-    eval_fn = ShardedStep(make_eval_step(program.task, spec.partition, cfg.compute_dtype), spec, batch_sh,
-                          donate=False, returns_state=False)
-
-    ckpt = Checkpointer(cfg.checkpoint_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
-                        async_save=cfg.checkpoint.async_save)
-    it = program.train_iter()
-    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
-    frozen: Any = {}
-    if latest is not None:
-        _check_resumable(cfg, ckpt.saved_config(latest), ckpt.directory / str(latest))
-        if spec.partition.is_lora:  # the frozen base is not checkpointed: rebuild it from the init source
-            _, frozen = _initial_state(cfg, program, spec, tx)
-        state = ckpt.restore(latest, spec.abstract_state, it)
-        logger.info("resumed from %s at step %d", ckpt.directory, latest)
-    else:
-        state, frozen = _initial_state(cfg, program, spec, tx)
-    start_step = int(state.step)
-
-    n_params = count_params(spec.abstract_params)
-    n_trainable = count_params(spec.abstract_state.params)
-    peak = cfg.metrics.peak_flops_per_device or guess_peak_flops()
-    logger.info("model params %.3gM, trainable %.3gM, mesh %s, devices %d", n_params / 1e6, n_trainable / 1e6,
-                dict(mesh.shape), mesh.size)
-    mlog = MetricsLogger(run_dir, cfg.steps, cfg.metrics.log_every, cfg.metrics.tensorboard,
-                         cfg.metrics.progress_bar, initial_step=start_step)
-    end = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
-    pending: list[tuple[int, dict]] = []
-    last_sync, steps_since_sync = time.perf_counter(), 0
-    step_times: list[float] = []
-    step = start_step
-    try:
-        while step < end:
-            try:
-                batch = next(it)
-            except StopIteration:
-                raise RuntimeError(f"training data exhausted at step {step}; make the pipeline repeat") from None
-            state, metrics = step_fn(state, to_global(batch, batch_sh), frozen)
-            step += 1
-            steps_since_sync += 1
-            pending.append((step, metrics))
-            ckpt.save(step, state, it, config_json)
-            if step % cfg.metrics.log_every == 0 or step == end:
-                host = jax.device_get(pending)  # the only host sync of the loop
-                now = time.perf_counter()
-                dt = (now - last_sync) / steps_since_sync
-                if step - steps_since_sync > start_step:  # the first interval includes compilation
-                    step_times.append(dt)
-                last_sync, steps_since_sync = now, 0
-                for s, m in host:
-                    m = {k: float(v) for k, v in m.items()}
-                    if s == step:
-                        m.update(_throughput(dt, program, peak, mesh.size))
-                    mlog.log(s, m)
-                pending = []
-            if cfg.eval_every and program.eval_iter is not None and (step % cfg.eval_every == 0 or step == end):
-                mlog.log(step, _evaluate(eval_fn, state, frozen, program, batch_sh, cfg.eval_batches), "eval")
-        if step not in ckpt.all_steps():
-            ckpt.save(step, state, it, config_json, force=True)
-    finally:
-        ckpt.close()
-        mlog.close()
-
-    exported: list[Path] = []
-    if step >= cfg.steps and program.export is not None:
-        exported = program.export(jax.device_get(export_params(spec, state, frozen)), run_dir / "export")
-    report = _report(cfg, mlog.history, step_times, program, peak, mesh, start_step, step, n_params, n_trainable,
-                     exported, time.perf_counter() - t_start)
-    write_report(report, run_dir)
-    return report
-
-
-def _initial_state(cfg, program: Program, spec, tx):
-    if program.init_params is not None:
-        return init_from_params(spec, program.init_params(), tx, cfg.seed)
-    return init_train_state(spec, program.task, tx, cfg.seed)
-
-
-def _check_resumable(cfg: TrainConfig, saved: dict | None, where: Path) -> None:
-    """A checkpoint is only resumed by a run with the same model and LoRA settings."""
-    if saved is None:
-        return
-    now = config_lib.to_dict(cfg)
-    diffs = [k for k in ("model", "lora") if saved.get(k) != now[k]]
-    if diffs:
-        raise CheckpointMismatchError(
-            f"checkpoint {where} was written with different {diffs} settings: saved "
-            f"{ {k: saved.get(k) for k in diffs} }, this run { {k: now[k] for k in diffs} }. Use another "
-            f"checkpoint.dir or checkpoint.resume=false.")
-
-
-def _throughput(step_time: float, program: Program, peak: float, n_devices: int) -> dict:
-    out = {"step_time": step_time}
-    if program.tokens_per_step:
-        out["tokens_per_s"] = program.tokens_per_step / step_time
-    if program.flops_per_step and peak:
-        out["mfu"] = program.flops_per_step / step_time / (peak * n_devices)
-    return out
-
-
-def _evaluate(eval_fn, state, frozen, program: Program, batch_sh, n_batches: int) -> dict:
-    it = program.eval_iter()
-    sums: dict[str, float] = {}
-    n = 0
-    for _ in range(n_batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        m = jax.device_get(eval_fn(state, to_global(batch, batch_sh), frozen))
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        n += 1
-    return {k: v / max(n, 1) for k, v in sums.items()}
-
-
-def _report(cfg, history, step_times, program, peak, mesh, start_step, end_step, n_params, n_trainable, exported,
-            wall) -> dict:
-    train = [h for h in history if h["prefix"] == "train"]
-    evals = [h for h in history if h["prefix"] == "eval"]
-    keys = [k for k in (train[0] if train else {}) if k.endswith("loss")]
-    window = max(1, min(20, len(train) // 5))  # every step is in the history: average out batch-to-batch noise
-    curve = {k: {"start": float(np.mean([h[k] for h in train[:window]])),
-                 "end": float(np.mean([h[k] for h in train[-window:]]))} for k in keys}
-    step_time = float(np.mean(step_times)) if step_times else None
-    report = {
-        "config": cfg.name, "run_dir": str(cfg.resolved_run_dir), "start_step": start_step, "end_step": end_step,
-        "total_steps": cfg.steps, "devices": mesh.size, "device_kind": jax.devices()[0].device_kind,
-        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "params": n_params, "trainable_params": n_trainable,
-        "lora": cfg.lora.enabled, "batch_size": cfg.data.batch_size, "seq_frames": cfg.data.seq_frames,
-        "data": [f"{s.path}:{s.weight:g}" for s in cfg.data.sources] or f"builtin={cfg.data.builtin}",
-        "loss_curve": curve, "curve_window_steps": window, "step_time_s": step_time,
-        "tokens_per_s": program.tokens_per_step / step_time if step_time and program.tokens_per_step else None,
-        "mfu": (program.flops_per_step / step_time / (peak * mesh.size)
-                if step_time and program.flops_per_step and peak else None),
-        "model_flops_per_step": program.flops_per_step or None, "peak_flops_per_device": peak or None,
-        "final": {k: v for k, v in train[-1].items() if k != "prefix"} if train else None,
-        "eval": evals[-1] if evals else None, "checkpoint_dir": str(cfg.checkpoint_dir),
-        "export": [str(p) for p in exported], "wall_time_s": wall,
-    }
-    return report
-
-
-def write_report(report: dict, run_dir: Path) -> None:
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# Training report: {report['config']}", "",
-             f"- steps {report['start_step']} -> {report['end_step']} of {report['total_steps']}, "
-             f"{report['devices']} x {report['device_kind']}, mesh {report['mesh']}",
-             f"- params {report['params'] / 1e6:.3f}M, trainable {report['trainable_params'] / 1e6:.3f}M"
-             f"{' (LoRA)' if report['lora'] else ''}; batch {report['batch_size']} x {report['seq_frames']} frames",
-             f"- data: {report['data']}",
-             f"- step time {_fmt(report['step_time_s'], 's')}, tokens/s {_fmt(report['tokens_per_s'])}, "
-             f"MFU {_fmt(report['mfu'] and 100 * report['mfu'], '%')}", "",
-             f"| metric | start (mean of first {report['curve_window_steps']} steps) | end (last "
-             f"{report['curve_window_steps']}) |", "|---|---|---|"]
-    lines += [f"| {k} | {v['start']:.4f} | {v['end']:.4f} |" for k, v in report["loss_curve"].items()]
-    if report["export"]:
-        lines += ["", "Exported: " + ", ".join(f"`{p}`" for p in report["export"])]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
-
-
-def _fmt(v, unit: str = "") -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.4g}{unit}"
-
-
-# ----------------------------------------------------------------------------------------------- the LM
 
 
 def lm_program(cfg: TrainConfig, lm_cfg) -> Program:
@@ -388,33 +167,6 @@ def prepare_data(cfg: TrainConfig) -> TrainConfig:
     logger.info("built-in dataset ready in %.0fs: %s", time.perf_counter() - t0, path)
     data = dataclasses.replace(cfg.data, sources=(config_lib.DataSource(str(path)),))
     return dataclasses.replace(cfg, data=data)
-
-
-def build_mesh(cfg: TrainConfig) -> Mesh:
-    from moshi_jax.training import mesh as mesh_lib
-
-    return mesh_lib.make_mesh(cfg.mesh.shape(jax.device_count()))
-
-
-def axis_rules(cfg: TrainConfig):
-    from moshi_jax.training import mesh as mesh_lib
-
-    return cfg.mesh.rules if cfg.mesh.rules is not None else mesh_lib.LOGICAL_AXIS_RULES
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Log lines of the training job to stderr, whatever handlers imported libraries (absl) installed."""
-    log = logging.getLogger("moshi_jax")
-    if not any(getattr(h, "_moshi_jax", False) for h in log.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-        handler._moshi_jax = True
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(level)
-    if level > logging.DEBUG:  # libraries' INFO chatter (orbax via absl, jax backend probing) hides the progress
-        for name in ("absl", "jax", "orbax", "grain"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run(cfg: TrainConfig) -> dict:
