@@ -355,7 +355,7 @@ def _add_serve(sub) -> None:
 
     def cmd_serve(args: argparse.Namespace) -> None:
         from moshi_jax.engine.engine import PRESETS, Engine, EngineConfig
-        from moshi_jax.engine.server import serve
+        from moshi_jax.engine.server import bind_socket, serve
 
         if args.max_sessions < 1:
             raise CLIError(f"--max-sessions must be >= 1, got {args.max_sessions}")
@@ -363,32 +363,65 @@ def _add_serve(sub) -> None:
             raise CLIError(f"--port must be in 0..65535, got {args.port}")
         if args.preset not in PRESETS:
             raise CLIError(f"--preset must be one of {PRESETS}, got {args.preset!r}")
+        if args.max_queue < 0:
+            raise CLIError(f"--max-queue must be >= 0, got {args.max_queue}")
+        for flag, v in (("--idle-timeout", args.idle_timeout), ("--heartbeat", args.heartbeat)):
+            if not v >= 0:
+                raise CLIError(f"{flag} must be >= 0 seconds (0: off), got {v}")
+        if args.static is not None and not (Path(args.static) / "index.html").is_file():
+            raise CLIError(f"--static {args.static} is not a folder with an index.html (a built web client)")
+        if args.weights_dir is not None and not Path(args.weights_dir).is_dir():
+            raise CLIError(f"--weights-dir {args.weights_dir} is not a directory (a downloaded Kyutai repository)")
+        try:  # the port first: a port in use fails now, not after the model is built and compiled
+            sock = bind_socket(args.host, args.port)
+        except OSError as e:
+            raise CLIError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
         try:
             engine, params = Engine.load(args.weights_dir, preset=args.preset, seed=args.seed, dtype=args.dtype,
-                                         cfg=EngineConfig(pad_bias=args.pad_bias))
+                                         cfg=EngineConfig(pad_bias=args.pad_bias, item_sampling=True))
         except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+            sock.close()
             raise CLIError(f"cannot load the model: {e}") from e
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("listening on %s: the server has no authentication; anyone who can reach it can talk to "
                         "the model", args.host)
-        serve(engine, engine.prepare_params(params), host=args.host, port=args.port, max_sessions=args.max_sessions)
+        model = str(args.weights_dir) if args.weights_dir else f"random {args.preset} model (seed {args.seed})"
+        serve(engine, engine.prepare_params(params), host=args.host, port=args.port, max_sessions=args.max_sessions,
+              sock=sock, max_queue=args.max_queue, idle_timeout_s=args.idle_timeout or None,
+              heartbeat_s=args.heartbeat or None, static_dir=args.static, model_name=model)
 
     p = sub.add_parser(
         "serve", help="websocket server speaking the reference Moshi protocol (several clients batched)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Full-duplex Moshi over websockets at ws://HOST:PORT/api/chat, with the reference server's "
                     "protocol (binary messages: 0x00 handshake, 0x01 Ogg/Opus 24 kHz mono audio, 0x02 UTF-8 "
-                    "text), so the reference clients (python -m moshi.client, the web UI) can connect. Up to "
-                    "--max-sessions clients are served at once, batched into one engine step every 80 ms.",
+                    "text, 0x04 metadata), so the reference clients (python -m moshi.client, the web UI) can "
+                    "connect; open http://HOST:PORT in a browser for the built-in web page. Up to "
+                    "--max-sessions clients are served at once, batched into one engine step every 80 ms; more "
+                    "wait in a queue (told their position) and get in when a slot frees up. Per-session "
+                    "sampling settings come from the URL's query (text_temperature, text_topk, "
+                    "audio_temperature, audio_topk, pad_mult, text_seed, audio_seed, repetition_penalty, "
+                    "repetition_penalty_context).",
         epilog="examples:\n"
                "  moshi-jax serve --weights-dir ~/models/moshiko-pytorch-bf16 --dtype bfloat16\n"
                "  moshi-jax serve --preset tiny --max-sessions 2     # random tiny model (smoke test)\n"
+               "  then open http://localhost:8998 in a browser\n"
                "  python -m moshi.client --host 127.0.0.1 --port 8998  # the reference client")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     p.add_argument("--port", type=int, default=8998, help="TCP port (default 8998, as the reference)")
     p.add_argument("--max-sessions", type=int, default=4,
-                   help="concurrent conversations = the engine's batch size (default 4); more clients are "
-                        "turned away with close code 1013")
+                   help="concurrent conversations = the engine's batch size (default 4); more clients wait "
+                        "(see --max-queue)")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="clients that may wait for a slot (default 16); past it they are turned away with 1013")
+    p.add_argument("--idle-timeout", type=float, default=30.0,
+                   help="close a client that sent no audio for this many seconds, freeing its slot (default 30; "
+                        "0: never)")
+    p.add_argument("--heartbeat", type=float, default=10.0,
+                   help="websocket ping interval in seconds; a peer that does not answer is dropped (default 10; "
+                        "0: off)")
+    p.add_argument("--static", default=None,
+                   help="serve this folder at / instead of the built-in page (e.g. the reference client's dist/)")
     p.add_argument("--weights-dir", default=None,
                    help="a downloaded Kyutai Moshi repository (config.json, LM + Mimi safetensors, tokenizer); "
                         "without it a seeded RANDOM model of --preset is used (loud warning)")

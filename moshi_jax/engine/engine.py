@@ -78,6 +78,8 @@ class EngineConfig:
     pad_bias: float = 0.0  # added to PAD's log-prob when sampling text (> 0: more silence / slower speech)
     text_delay_frames: int = 0  # the data pipeline's shift: > 0 ASR (text lags), < 0 TTS (text leads)
     seed: int = SERVER_SEED
+    item_sampling: bool = False  # per-item runtime sampling settings + seeds (the server's sessions), see
+    #                              `set_item_sampling`; False: `sampling` and one key for the whole batch
     asr_zero_text_prefix: bool = True  # ASR: the first d text frames -> zero token (our data pipeline's layout);
     #                                    False: the model's own text is kept (the reference STT inference)
     tts_max_padding: int = 6  # reference StateMachine defaults
@@ -254,6 +256,7 @@ class Engine:
         self.step_donated = jax.jit(self._step_impl, donate_argnums=(1,))
         self._reset = jax.jit(self._reset_impl)
         self._load = jax.jit(self._load_impl)
+        self._set_items = jax.jit(self._set_items_impl)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -348,7 +351,7 @@ class Engine:
         words, toks = (c.tts_max_words, c.tts_max_tokens) if c.mode == "tts" else (1, 1)
         return EngineState(
             mimi=self.codec.init_state(batch_size, self.num_codebooks),
-            lm=gen.init_gen_state(lm, batch_size, c.pad_bias),
+            lm=gen.init_gen_state(lm, batch_size, c.pad_bias, c.sampling if c.item_sampling else None),
             rng=jax.random.PRNGKey(c.seed) if key is None else key,
             frame=jnp.zeros((batch_size,), jnp.int32),
             history=jnp.zeros((batch_size, self.num_codebooks, lm.max_delay + 1), jnp.int32),
@@ -379,6 +382,24 @@ class Engine:
     def set_pad_bias(self, state: EngineState, pad_bias) -> EngineState:
         """PAD log-prob bias, scalar or per item [B] (runtime value: no recompilation)."""
         return state.replace(lm=gen.set_pad_bias(state.lm, pad_bias))
+
+    def _set_items_impl(self, state: EngineState, index: Array, pad_bias: Array, values: dict) -> EngineState:
+        mask = jnp.arange(state.frame.shape[0]) == index
+        lm_state = gen.set_item_sampling(state.lm, mask, **values)
+        return state.replace(lm=lm_state.replace(pad_bias=jnp.where(mask, pad_bias, lm_state.pad_bias)))
+
+    def set_item_sampling(self, state: EngineState, index: int, pad_bias: float, **values) -> EngineState:
+        """Sampling settings of conversation `index` (an engine with `EngineConfig(item_sampling=True)`):
+        `pad_bias` and `values` naming `nn.sampling.ItemSampling` fields (text_temp, text_top_k, audio_temp,
+        audio_top_k, repetition_penalty, repetition_context, text_seed_key, audio_seed_key). Runtime values
+        (no recompilation); the seeds take effect at the item's next `reset`."""
+        if state.lm.items is None:
+            raise ValueError("per-item sampling needs an engine built with EngineConfig(item_sampling=True)")
+        B = state.frame.shape[0]
+        if not 0 <= index < B:
+            raise ValueError(f"item index {index} outside the batch [0, {B})")
+        values = {k: jnp.asarray(v, getattr(state.lm.items, k).dtype) for k, v in values.items()}
+        return self._set_items(state, jnp.int32(index), jnp.float32(pad_bias), values)
 
     # ------------------------------------------------------------------ TTS text
     def entries(self, text: str | Sequence[str], padding_between: int = 0) -> list[tts_sm.Entry]:

@@ -44,7 +44,14 @@ from flax import struct
 from moshi_jax.lm import model as lm_model
 from moshi_jax.lm.config import LMConfig
 from moshi_jax.lm.model import StreamingParams, prepare_streaming_params
-from moshi_jax.nn.sampling import SamplingConfig, sample_token
+from moshi_jax.nn.sampling import (
+    ItemSampling,
+    SamplingConfig,
+    apply_repetition_penalty,
+    sample_token,
+    sample_token_items,
+    split_item_keys,
+)
 from moshi_jax.nn.transformer import TransformerState
 
 Array = jax.Array
@@ -60,6 +67,9 @@ class GenState:
     cache: Array  # [B, 1 + n_q, max_delay + 2] int32 delayed-domain tokens; -2 = not generated yet
     offsets: Array  # [B] int32: frames stepped since the last reset (the reference's `offsets`)
     pad_bias: Array  # [B] float32 added to the PAD token's log-prob when sampling text (0 = off)
+    # Per-item sampling (runtime settings, own keys, repetition penalty), or None: the static `sampling`
+    # argument and the step's `rng` decide for the whole batch (the default path).
+    items: ItemSampling | None = None
 
 
 @struct.dataclass
@@ -80,8 +90,12 @@ class StepOutput:
         return jnp.concatenate([self.text[:, None], self.audio], axis=1)
 
 
-def init_gen_state(cfg: LMConfig, batch_size: int, pad_bias: float | Array = 0.0) -> GenState:
-    """Fresh state for `batch_size` conversations (no parameters needed)."""
+def init_gen_state(cfg: LMConfig, batch_size: int, pad_bias: float | Array = 0.0,
+                   item_sampling: SamplingConfig | None = None) -> GenState:
+    """Fresh state for `batch_size` conversations (no parameters needed).
+
+    `item_sampling`: per-item sampling (`GenState.items`) starting from these settings for every item; the
+    step then ignores its `sampling` / `rng` arguments (see `set_item_sampling`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return GenState(
@@ -89,6 +103,7 @@ def init_gen_state(cfg: LMConfig, batch_size: int, pad_bias: float | Array = 0.0
         cache=jnp.full((batch_size, cfg.num_streams, cfg.max_delay + 2), cfg.ungenerated_token_id, jnp.int32),
         offsets=jnp.zeros((batch_size,), jnp.int32),
         pad_bias=jnp.broadcast_to(jnp.asarray(pad_bias, jnp.float32), (batch_size,)),
+        items=None if item_sampling is None else ItemSampling.create(batch_size, item_sampling),
     )
 
 
@@ -106,12 +121,29 @@ def reset(state: GenState, mask: Array) -> GenState:
         temporal=TransformerState(offset=jnp.where(mask, 0, t.offset), layers=layers),
         cache=jnp.where(mask[:, None, None], -2, state.cache),
         offsets=jnp.where(mask, 0, state.offsets),
+        items=None if state.items is None else state.items.restart(mask),  # keys back to the item's seeds
     )
 
 
 def set_pad_bias(state: GenState, pad_bias: float | Array) -> GenState:
     """Set the PAD log-prob bias (scalar or per item [B]); a runtime value, so no recompilation."""
     return state.replace(pad_bias=jnp.broadcast_to(jnp.asarray(pad_bias, jnp.float32), state.offsets.shape))
+
+
+def set_item_sampling(state: GenState, mask: Array, **values) -> GenState:
+    """Set per-item settings where mask [B]: `values` name `ItemSampling` fields (scalars or [B] / [B, 2]
+    arrays), e.g. text_temp=0.5, text_seed_key=seed_key(7). Runtime values: no recompilation. A changed
+    seed key takes effect at the item's next reset."""
+    if state.items is None:
+        raise ValueError("this state has no per-item sampling: create it with init_gen_state(..., item_sampling=)")
+    mask = jnp.asarray(mask, bool)
+    items = state.items
+    new = {}
+    for name, v in values.items():
+        old = getattr(items, name)
+        v = jnp.broadcast_to(jnp.asarray(v, old.dtype), old.shape)
+        new[name] = jnp.where(mask.reshape((-1,) + (1,) * (old.ndim - 1)), v, old)
+    return state.replace(items=items.replace(**new))
 
 
 def _check_inputs(cfg: LMConfig, state: GenState, user_codes: Array) -> None:
@@ -158,13 +190,21 @@ def _step(params: Params, state: GenState, user_codes: Array, rng: Array | None,
     hidden, text_logits, temporal = model.apply(variables, inp[:, :, None], state.temporal, sp.temporal_layers,
                                                 method="temporal")
     hidden, text_logits = hidden[:, 0], text_logits[:, 0].astype(jnp.float32)  # [B, dim], [B, text_out]
+    items = state.items
     if rng is None:
         k_text = k_audio = None
     else:
         k_text, k_audio = jax.random.split(rng)
     pad_bias = jnp.zeros_like(text_logits).at[:, cfg.existing_text_padding_id].set(state.pad_bias)
-    text = sample_token(k_text, text_logits, sampling.temp_text, sampling.top_k_text, sampling.use_sampling,
-                        pad_bias)
+    if items is None:
+        text = sample_token(k_text, text_logits, sampling.temp_text, sampling.top_k_text, sampling.use_sampling,
+                            pad_bias)
+    else:  # per-item settings and keys: an item's draws depend only on its own settings and seed
+        k_text, next_text_key = split_item_keys(items.text_key)
+        k_audio, next_audio_key = split_item_keys(items.audio_key)
+        penalised = apply_repetition_penalty(text_logits, items.recent_text, items.repetition_context,
+                                             items.repetition_penalty)
+        text = sample_token_items(k_text, penalised, items.text_temp, items.text_top_k, pad_bias)
     if forced_text is not None:
         text = jnp.where(forced_text >= 0, forced_text.astype(jnp.int32), text)
     if text_hook is not None:  # e.g. the TTS word-feeding state machine: sampled text [B] -> text fed on [B]
@@ -177,8 +217,12 @@ def _step(params: Params, state: GenState, user_codes: Array, rng: Array | None,
         prev, dstate, toks, all_logits = text, lm_model.init_depth_state(cfg, B, per_layer=True), [], []
         for k in range(dep_q):
             logits, dstate = lm_model.depth_step_prepared(cfg, sp.depth_steps[k], hidden, prev, dstate)
-            key = None if k_audio is None else jax.random.fold_in(k_audio, k)
-            tok = sample_token(key, logits, sampling.temp, sampling.top_k, sampling.use_sampling)
+            if items is None:
+                key = None if k_audio is None else jax.random.fold_in(k_audio, k)
+                tok = sample_token(key, logits, sampling.temp, sampling.top_k, sampling.use_sampling)
+            else:
+                keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(k_audio, k)
+                tok = sample_token_items(keys, logits, items.audio_temp, items.audio_top_k)
             if forced_audio is not None:
                 tok = jnp.where(forced_audio[:, k] >= 0, forced_audio[:, k].astype(jnp.int32), tok)
             toks.append(tok)
@@ -202,7 +246,10 @@ def _step(params: Params, state: GenState, user_codes: Array, rng: Array | None,
     valid = offsets > cfg.max_delay
     out = jnp.where(valid[:, None], out, cfg.ungenerated_token_id)
 
-    new_state = state.replace(temporal=temporal, cache=cache, offsets=offsets)
+    if items is not None:
+        special = (cfg.existing_text_padding_id, cfg.existing_text_end_padding_id, cfg.text_initial_token_id)
+        items = items.replace(text_key=next_text_key, audio_key=next_audio_key).remember_text(text, special)
+    new_state = state.replace(temporal=temporal, cache=cache, offsets=offsets, items=items)
     return new_state, StepOutput(
         text=out[:, 0], audio=out[:, 1:], valid=valid, sampled_text=text, sampled_audio=audio,
         text_logits=text_logits if return_logits else None, audio_logits=audio_logits)

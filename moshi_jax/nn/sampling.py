@@ -13,6 +13,12 @@ reproduced anyway, so only distributions are comparable).
 unnormalised probability of each token by `exp(bias)` (the Rust server's `pad_mult` for the PAD token).
 In greedy mode it is added to the raw logits. It is applied before the top-k cut, so a boosted token can
 enter the top k.
+
+Per-item settings (one conversation per batch row, e.g. the server's per-session settings):
+`ItemSampling` holds temperatures, top-k, repetition penalty, seeds and RNG keys as RUNTIME arrays `[B]`,
+so changing them never recompiles. `sample_token_items(keys [B, 2], logits [B, V], temp [B], top_k [B],
+bias)` draws each row with its own key and settings (same distribution as `sample_token` for equal
+settings, a different random stream); `apply_repetition_penalty` is the Rust server's text penalty.
 """
 
 from __future__ import annotations
@@ -21,8 +27,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import struct
 
 Array = jax.Array
+MAX_REPETITION_CONTEXT = 256  # static size of the per-item recent-text window (its runtime length is <= this)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,3 +103,102 @@ def top_k_probs(logits: Array, temp: float, top_k: int, bias: Array | None = Non
         kth = jax.lax.top_k(logp, top_k)[0][..., -1:]
         logp = jnp.where(logp >= kth, logp, -jnp.inf)
     return jax.nn.softmax(logp, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------- per-item settings
+def seed_key(seed: int) -> np.ndarray:
+    """The raw threefry key [2] uint32 of a 64-bit seed (what `jax.random.PRNGKey(seed)` gives with x64 on):
+    (seed >> 32, seed & 0xffffffff), computed on the host so any seed in [0, 2**64) works."""
+    seed = int(seed)
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+
+
+@struct.dataclass
+class ItemSampling:
+    """Per-item sampling settings and RNG state of a batch (runtime arrays: changing them never recompiles).
+
+    Temperatures <= 0 mean greedy (argmax); top-k <= 0 or >= V means no cut; repetition_penalty 1 is off."""
+
+    text_temp: Array  # [B] float32
+    text_top_k: Array  # [B] int32
+    audio_temp: Array  # [B] float32
+    audio_top_k: Array  # [B] int32
+    repetition_penalty: Array  # [B] float32 (Rust server: text logits >= 0 divided by it, < 0 multiplied)
+    repetition_context: Array  # [B] int32: the last N non-special text tokens are penalised (<= MAX_...)
+    text_seed_key: Array  # [B, 2] uint32 the key a reset restarts from (seed_key(text_seed))
+    audio_seed_key: Array  # [B, 2] uint32
+    text_key: Array  # [B, 2] uint32 the current key (split once per step of the item)
+    audio_key: Array  # [B, 2] uint32
+    recent_text: Array  # [B, MAX_REPETITION_CONTEXT] int32 newest first, -1 = empty
+
+    @classmethod
+    def create(cls, batch_size: int, defaults: SamplingConfig) -> ItemSampling:
+        """Every item with the settings of `defaults`, seeds 0..B-1 (text) and the same for audio."""
+        B = batch_size
+        t = 0.0 if not defaults.use_sampling else 1.0
+        keys = jnp.asarray(np.stack([seed_key(b) for b in range(B)]))
+        return cls(
+            text_temp=jnp.full((B,), defaults.temp_text * t, jnp.float32),
+            text_top_k=jnp.full((B,), defaults.top_k_text, jnp.int32),
+            audio_temp=jnp.full((B,), defaults.temp * t, jnp.float32),
+            audio_top_k=jnp.full((B,), defaults.top_k, jnp.int32),
+            repetition_penalty=jnp.ones((B,), jnp.float32),
+            repetition_context=jnp.zeros((B,), jnp.int32),
+            text_seed_key=keys, audio_seed_key=keys, text_key=keys, audio_key=keys,
+            recent_text=jnp.full((B, MAX_REPETITION_CONTEXT), -1, jnp.int32))
+
+    def restart(self, mask: Array) -> ItemSampling:
+        """Items where mask [B]: keys back to their seeds, recent text forgotten (a new conversation)."""
+        m = mask[:, None]
+        return self.replace(text_key=jnp.where(m, self.text_seed_key, self.text_key),
+                            audio_key=jnp.where(m, self.audio_seed_key, self.audio_key),
+                            recent_text=jnp.where(m, -1, self.recent_text))
+
+    def remember_text(self, token: Array, special: tuple[int, ...]) -> ItemSampling:
+        """Push this step's text token [B] into the recent window unless it is special (PAD, EPAD, start)."""
+        keep = token >= 0
+        for t in special:
+            keep &= token != t
+        pushed = jnp.concatenate([token[:, None].astype(jnp.int32), self.recent_text[:, :-1]], axis=1)
+        return self.replace(recent_text=jnp.where(keep[:, None], pushed, self.recent_text))
+
+
+def split_item_keys(keys: Array) -> tuple[Array, Array]:
+    """[B, 2] keys -> (this step's keys [B, 2], the next keys [B, 2]), each item from its own key."""
+    both = jax.vmap(jax.random.split)(keys)  # [B, 2, 2]
+    return both[:, 0], both[:, 1]
+
+
+def apply_repetition_penalty(logits: Array, recent: Array, context: Array, penalty: Array) -> Array:
+    """The Rust server's text repetition penalty: every distinct token among the first `context[b]` entries of
+    `recent[b]` (newest first, -1 empty) gets its raw logit divided by `penalty[b]` if >= 0, else multiplied.
+
+    logits [B, V] float32, recent [B, H] int32, context [B] int32, penalty [B] float32 -> [B, V]."""
+    B, V = logits.shape
+    H = recent.shape[1]
+    use = (jnp.arange(H)[None] < context[:, None]) & (recent >= 0)
+    idx = jnp.where(use, recent, V)  # V: out of range, dropped
+    hit = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], idx].set(True, mode="drop")
+    p = penalty[:, None]
+    return jnp.where(hit, jnp.where(logits >= 0, logits / p, logits * p), logits)
+
+
+def sample_token_items(keys: Array, logits: Array, temp: Array, top_k: Array, bias: Array | None = None) -> Array:
+    """Per-item `sample_token`: row b of logits [B, V] with temp[b], top_k[b] (runtime [B] arrays) and its own
+    key keys[b] ([B, 2]). Same distribution as `sample_token` with those settings (`top_k_probs`); temp <= 0
+    is greedy (argmax of logits + bias). Returns int32 [B]."""
+    logits = logits.astype(jnp.float32)
+    V = logits.shape[-1]
+    greedy = temp <= 0
+    logp = logits / jnp.where(greedy, 1.0, temp)[:, None]
+    if bias is not None:
+        logp = logp + bias
+    k = jnp.where((top_k <= 0) | (top_k > V), V, top_k)
+    kth = jnp.take_along_axis(jnp.sort(logp, axis=-1), (V - k)[:, None], axis=-1)  # k-th largest per row
+    logp = jnp.where(logp >= kth, logp, -jnp.inf)
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (V,), jnp.float32))(keys)
+    sampled = jnp.argmax(logp + gumbel, axis=-1)
+    raw = logits if bias is None else logits + bias
+    return jnp.where(greedy, jnp.argmax(raw, axis=-1), sampled).astype(jnp.int32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -18,19 +19,17 @@ sphn = pytest.importorskip("sphn")
 
 from moshi_jax.engine import protocol as P  # noqa: E402
 from moshi_jax.engine.server import CHAT_PATH, ChatServer  # noqa: E402
+from moshi_jax.engine.session import SessionSettings  # noqa: E402
+from tests.engine.conftest import SERVER_SESSIONS  # noqa: E402
 
 FRAME = 1920
-MAX_SESSIONS = 3
+MAX_SESSIONS = SERVER_SESSIONS
 TIMEOUT = 60.0  # seconds: every wait in these tests is bounded
 
 
 @pytest.fixture(scope="module")
-def engine_and_params():
-    from moshi_jax.engine.engine import Engine
-
-    engine, params = Engine.load(None, preset="tiny", seed=0)
-    ChatServer(engine, params, max_sessions=MAX_SESSIONS).warmup()  # compile once for the whole module
-    return engine, params
+def engine_and_params(served_engine):
+    return served_engine  # tests/engine/conftest.py: per-session sampling, compiled for MAX_SESSIONS slots
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +50,7 @@ class ClientLog:
     pcm: list = dataclasses.field(default_factory=list)
     text: list = dataclasses.field(default_factory=list)
     errors: list = dataclasses.field(default_factory=list)  # 0x05 payloads
+    metadata: list = dataclasses.field(default_factory=list)  # 0x04 payloads (JSON)
     close_code: int | None = None
     close_reason: str | None = None
 
@@ -83,6 +83,8 @@ async def _reader(ws, log: ClientLog, want_audio: int | None) -> None:
             log.text.append(payload.decode("utf-8"))
         elif kind == P.Kind.ERROR:
             log.errors.append(payload.decode("utf-8"))
+        elif kind == P.Kind.METADATA:
+            log.metadata.append(json.loads(payload))
         else:
             raise AssertionError(f"unexpected message kind {kind}")
 
@@ -194,9 +196,16 @@ def test_the_server_sends_exactly_what_the_engine_computes_from_the_audio_it_rec
 
     B = MAX_SESSIONS
     mine = np.arange(B) == 0  # the first client gets slot 0
+    meta = lg.metadata[0]  # the session's settings, with the seeds the server drew for it
+    defaults = {k: v for k, v in SessionSettings.from_sampling(engine.cfg.sampling).as_dict().items()
+                if not k.endswith("_seed")}
+    assert {k: meta[k] for k in defaults} == defaults  # the query was empty
+    settings = SessionSettings(**{k: meta[k] for k in SessionSettings().as_dict()})
     state = engine.reset(engine.init_state(B), np.ones(B, bool))  # the server's warm-up ...
     state, _ = engine.step_donated(params, state, np.zeros((B, FRAME), np.float32), np.zeros(B, bool))
-    state = engine.reset(engine.reset(state, np.ones(B, bool)), mine)  # ... and the reset on join
+    state = engine.reset(state, np.ones(B, bool))
+    state = engine.set_item_sampling(state, 0, **settings.engine_values())  # ... the join: settings, reset
+    state = engine.reset(state, mine)
     enc = P.OpusEncoder()
     want_ogg, want_text = [], []
     for frame in pcm_in:
@@ -246,7 +255,7 @@ def test_a_client_disconnecting_mid_stream_leaves_the_others_served_and_frees_it
         qreader = asyncio.ensure_future(_reader(quitter, qlog, 2))
         await _wait_for(lambda: qlog.first is not None and all(lg.first for lg in logs), "the handshakes")
 
-        # the server is full now: one more client is turned away with a clear reason
+        # the server is full and has no waiting room: one more client is turned away with a clear reason
         extra = await session.ws_connect(url)
         elog = ClientLog()
         await _reader(extra, elog, None)
@@ -271,7 +280,7 @@ def test_a_client_disconnecting_mid_stream_leaves_the_others_served_and_frees_it
             await ws.close()
         return logs, qlog, elog, llog
 
-    logs, qlog, elog, llog = _run(engine_and_params, scenario)
+    logs, qlog, elog, llog = _run(engine_and_params, scenario, max_queue=0)  # no waiting room: refused at once
     assert qlog.audio_msgs == 2
     for lg in logs:
         assert lg.audio_msgs == frames - 1 and not lg.errors and lg.close_code is None
