@@ -5,6 +5,7 @@
     state, out = engine.step(params, state, user_pcm, active)   # user_pcm [B, 1920] f32, active [B] bool
     out.pcm [B, 1920], out.text_token [B], out.valid [B] ...    # engine.text_piece(token) -> str | None
     state = engine.reset(state, mask)                     # restart selected conversations only
+    state = engine.set_item_sampling(state, b, pad_bias, text_temp=..)  # EngineConfig(item_sampling=True)
 
 Everything that changes during a conversation (both Mimi streaming states, the LM's KV rings and delay cache,
 the RNG key, per-item frame counters, the ASR code history, the TTS word queues) is one `EngineState` pytree

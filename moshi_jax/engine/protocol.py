@@ -216,6 +216,10 @@ class OpusDecoder:
     def frames_ready(self) -> int:
         return self._pending_len // self.frame_size
 
+    def discard(self) -> None:
+        """Drop the decoded samples not popped yet (the stream state is kept: later pages still decode)."""
+        self._pending, self._pending_len = [], 0
+
     def pop_frame(self) -> np.ndarray | None:
         """The next [frame_size] float32 frame, or None when less than a frame is buffered."""
         if self._pending_len < self.frame_size:

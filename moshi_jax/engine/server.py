@@ -111,8 +111,8 @@ class _Session:
         self.ws = ws
         self.remote = remote
         self.settings = settings
-        self.decoder: proto.OpusDecoder | None = None  # created on admission
-        self.encoder: proto.OpusEncoder | None = None
+        self.decoder: proto.OpusDecoder | None = None
+        self.encoder: proto.OpusEncoder | None = None  # created on admission
         self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=send_queue_frames)
         self.closed = False
         self.released = False  # its slot / queue place was given up
@@ -357,6 +357,7 @@ class ChatServer:
             return ws
         self._next_id += 1
         sess = _Session(self._next_id, ws, request.remote, settings, self.send_queue_frames)
+        sess.decoder = proto.OpusDecoder(self.frame_size, self.sample_rate)
         sender = asyncio.ensure_future(self._send_loop(sess))
         if slot is not None:
             self._admit(sess, slot)
@@ -416,7 +417,7 @@ class ChatServer:
         handshake and the metadata (queued in order before any audio)."""
         sess.slot = slot
         sess.queue_position = 0
-        sess.decoder = proto.OpusDecoder(self.frame_size, self.sample_rate)
+        sess.decoder.discard()  # audio sent while waiting is not part of the conversation
         sess.encoder = proto.OpusEncoder(self.sample_rate)
         sess.last_activity = time.monotonic()
         self._sessions[slot] = sess
@@ -462,7 +463,10 @@ class ChatServer:
 
     def _handle_message(self, sess: _Session, data: bytes | str) -> None:
         msg = proto.parse_client_message(data)
-        if sess.slot is None:  # waiting: messages are validated, audio is dropped (send it after the handshake)
+        if sess.slot is None:  # waiting: audio is decoded (its Ogg stream goes on after admission) and dropped
+            if msg.kind == proto.Kind.AUDIO:
+                sess.decoder.feed(msg.payload)
+                sess.decoder.discard()
             return
         if msg.kind == proto.Kind.AUDIO:
             sess.last_audio = sess.last_activity = time.monotonic()

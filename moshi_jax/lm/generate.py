@@ -23,6 +23,11 @@ The reference's alignment is kept exactly (spec section 2.9):
   `s` gathers column `(s + 1 - max_delay + d_k) % (max_delay + 2)` for the `1 + dep_q` generated streams,
   i.e. the first call returns nothing valid and call `s >= 1` returns the Moshi frame of time `s - 1`.
 
+Per-item sampling: a state made with `init_gen_state(..., item_sampling=SamplingConfig())` carries each
+item's temperatures, top-k, repetition penalty, seeds and RNG keys as runtime arrays (`GenState.items`,
+set with `set_item_sampling`); the step then samples every item with its own settings and key (its
+`sampling` / `rng` arguments are unused), so an item's tokens depend only on its inputs, settings and seed.
+
 Everything that changes over time is in `GenState` (fixed shapes), so the step compiles once and runs
 forever: the temporal KV cache is a ring of `context` slots with absolute positions, so running past the
 context window overwrites the oldest entries (as the reference does) without recompiling or growing.

@@ -206,19 +206,38 @@ def test_the_waiting_room_admits_in_arrival_order_and_tells_each_client_its_posi
     assert not refused.admitted and refused.of(P.Kind.ERROR)
 
 
-def test_a_waiting_clients_audio_is_dropped_and_the_server_stops_cleanly_with_clients_waiting(served_engine, speech):
+def test_audio_sent_while_waiting_is_dropped_and_its_stream_goes_on_after_admission(served_engine, speech):
+    """A client that streams before its handshake (one Ogg stream from the start): what it sent while waiting
+    is not part of the conversation, the rest of the same stream is; stopping the server closes everyone."""
     async def scenario(server, session, url, base):
         inside = [await _connect(session, url) for _ in range(SERVER_SESSIONS)]
         waiting = await _connect(session, url)
         await _wait(lambda: waiting.queue, "the queue position")
-        await _send_audio(waiting.ws, speech[0], 2, period_s=0.0)
-        await asyncio.sleep(0.2)
-        return inside, waiting, server.stats.frames_in
+        writer = sphn.OpusStreamWriter(P.SAMPLE_RATE)  # one stream: its headers are sent while waiting
+        audio = np.pad(speech[0], (0, 10 * 1920))
 
-    inside, waiting, frames_in = _run(served_engine, scenario)
-    assert frames_in == 0 and not waiting.of(P.Kind.AUDIO)
-    # server.stop() closed everyone, the waiting client too, with 1001
-    assert waiting.closed and waiting.close_code == P.CLOSE_GOING_AWAY
+        async def send(frames):
+            for i in frames:
+                ogg = writer.append_pcm(audio[i * 1920:(i + 1) * 1920].astype(np.float32))
+                if len(ogg):
+                    await waiting.ws.send_bytes(P.encode_audio(ogg))
+                await asyncio.sleep(0.02)
+
+        await send(range(0, 4))
+        await asyncio.sleep(0.2)
+        dropped = server.stats.frames_in
+        await inside[0].ws.close()
+        await _wait(lambda: waiting.admitted, "admission")
+        await send(range(4, 10))
+        await _wait(lambda: len(waiting.of(P.Kind.AUDIO)) >= 3, "replies to the rest of the stream")
+        await server.stop()  # while the clients are still connected
+        await asyncio.wait_for(asyncio.gather(*(p.task for p in [*inside[1:], waiting])), TIMEOUT)
+        return inside[1:], waiting, dropped, server.stats.frames_in
+
+    inside, waiting, dropped, frames_in = _run(served_engine, scenario)
+    assert dropped == 0 and 3 <= frames_in <= 6  # only the frames sent after the handshake are stepped
+    for p in [*inside, waiting]:  # server.stop() closed everyone with 1001 and the reason
+        assert p.close_code == P.CLOSE_GOING_AWAY and p.close_reason == "server shutting down"
 
 
 # ------------------------------------------------------------------------------------------ silent clients
