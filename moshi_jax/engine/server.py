@@ -96,7 +96,7 @@ class ServerStats:
     sessions_closed: int = 0
     queued: int = 0  # clients that had to wait for a slot
     idle_closed: int = 0  # sessions closed for sending no audio
-    admitted_order: list[int] = dataclasses.field(default_factory=list)  # client ids in order of admission
+    admitted_order: list[int] = dataclasses.field(default_factory=list)  # client ids in order of admission (last N)
     max_batch: int = 0  # most clients served by one engine step
     step_seconds: list[float] = dataclasses.field(default_factory=list)  # wall time of each engine step (last N)
 
@@ -426,6 +426,8 @@ class ChatServer:
             self._pending_settings[slot] = self._engine_values(sess)
         self.stats.sessions_opened += 1
         self.stats.admitted_order.append(sess.id)
+        if len(self.stats.admitted_order) > self._step_history:
+            del self.stats.admitted_order[: -self._step_history]
         waited = time.monotonic() - sess.arrived
         log.info("slot %d: client %d (%s) admitted%s (%d/%d sessions, %d waiting); settings %s", slot, sess.id,
                  sess.remote, f" after waiting {waited:.1f} s" if waited > 0.5 else "", len(self._sessions),
