@@ -141,7 +141,10 @@ class ChatServer:
 
     `engine` follows moshi_jax.engine.engine.Engine: init_state(B), step(params, state, pcm [B, frame],
     active [B]) -> (state, out with pcm [B, frame], text_token [B], valid [B]), reset(state, mask [B]),
-    text_piece(token) -> str | None, and mimi_cfg (frame_size, sample_rate)."""
+    text_piece(token) -> str | None, and mimi_cfg (frame_size, sample_rate); with `cfg.item_sampling` also
+    set_item_sampling (per-session settings). `max_queue`: clients that may wait for a slot; `idle_timeout_s`
+    / `heartbeat_s`: None = off; `static_dir`: served at / (default: the built-in page, WEB_DIR);
+    `model_name`: reported in the 0x04 metadata."""
 
     def __init__(self, engine: Any, params: Any, *, max_sessions: int = 4, batch_window_s: float = 0.08,
                  send_queue_frames: int = 256, max_backlog_frames: int = 1500, step_history: int = 10_000,
