@@ -217,10 +217,6 @@ class TrainConfig:
         for key in ("compute_dtype", "param_dtype"):
             if getattr(self, key) not in DTYPES:
                 raise ConfigError(f"{key} must be one of {DTYPES}, got {getattr(self, key)!r}")
-        if self.init_lora_from and not self.lora.enabled:
-            raise ConfigError("init_lora_from needs lora.enabled=true (and lora.rank = the adapter's rank)")
-        if self.init_lora_from and not self.init_from:
-            raise ConfigError("init_lora_from needs init_from = the adapter's base weights")
         if self.remat not in REMAT:
             raise ConfigError(f"remat must be one of {REMAT}, got {self.remat!r}")
         if self.data.batch_size % self.optimizer.microbatches:

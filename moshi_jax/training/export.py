@@ -250,6 +250,21 @@ def _write_json(obj: dict, path: Path) -> Path:
     return path
 
 
+def _frozen_base(cfg, program, spec, tx) -> Any:
+    """A LoRA run's frozen base params (float32), rebuilt from its init source as on resume: the init_from
+    weights (with an init_lora_from adapter's embedding tables), or the seeded random init."""
+    import jax
+    import jax.numpy as jnp
+
+    from moshi_jax.training import loop
+
+    log.info("rebuilding the frozen base from %s", cfg.init_from or f"a random init (seed {cfg.seed})")
+    if program.init_params is None:
+        return loop._initial_state(cfg, program, spec, tx)[1]
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), program.init_params())
+    return spec.partition.split(params)[1]
+
+
 def export_lm(req: ExportRequest, saved: dict, step: int) -> ExportResult:
     """Moshi LM run -> `model.safetensors` (merged, released layout) + config.json, or with `lora_only`
     `lora.safetensors` (moshi-finetune adapter) + config.json with lora / lora_rank / lora_scaling."""
@@ -284,9 +299,8 @@ def export_lm(req: ExportRequest, saved: dict, step: int) -> ExportResult:
     files: list[Path] = []
 
     frozen: Any = {}
-    if spec.partition.is_lora:
-        log.info("rebuilding the frozen base from %s", cfg.init_from or f"a random init (seed {cfg.seed})")
-        _, frozen = loop._initial_state(cfg, program, spec, tx)
+    if spec.partition.is_lora and not (req.lora_only and cfg.init_from):  # an adapter over a file needs no base
+        frozen = _frozen_base(cfg, program, spec, tx)
 
     if req.lora_only:
         host = jax.device_get(trainable)

@@ -86,6 +86,9 @@ def lm_program(cfg: TrainConfig, lm_cfg) -> Program:
 
             return iter(pipeline.make_dataset(cfg.data, lm_cfg, train=False))
 
+    if cfg.init_lora_from and not (cfg.lora.enabled and cfg.init_from):
+        raise config_lib.ConfigError("init_lora_from needs lora.enabled=true (with the adapter's rank) and "
+                                     "init_from = the adapter's base weights")
     init_params = init_lora = None
     if cfg.init_from:
         def init_params():
