@@ -291,10 +291,11 @@ def _check_hub_sources(cfg) -> None:
     so that a missing repository or file fails at once with its one-line error."""
     from moshi_jax import hub
 
-    for key, spec in (("init_from", cfg.init_from), ("init_lora_from", getattr(cfg, "init_lora_from", None))):
+    for key, spec, name in (("init_from", cfg.init_from, "moshi_name"),
+                            ("init_lora_from", cfg.init_lora_from, "lora_name")):
         if hub.is_hub_path(spec):
             try:
-                log.info("%s %s -> %s", key, spec, hub.resolve_weights(spec, "moshi_name"))
+                log.info("%s %s -> %s", key, spec, hub.resolve_weights(spec, name))
             except hub.HubError as e:
                 raise CLIError(f"{key}: {e}") from e
 

@@ -105,6 +105,9 @@ def test_hub_paths_and_repos_resolve_to_the_cached_snapshot_with_revision_pinnin
     assert hub.resolve_weights(f"hf://{REPO}", "mimi_name") == snap / "mimi.safetensors"  # named by config.json
     assert hub.resolve_weights(f"hf://{REPO}@{OLD_COMMIT}") == _snapshot(hf_cache, OLD_COMMIT) / "model.safetensors"
     assert hub.resolve_repo(REPO, revision=OLD_COMMIT) == _snapshot(hf_cache, OLD_COMMIT)
+    assert hub.resolve_weights_dir(f"hf://{REPO}@{OLD_COMMIT}", None) == str(_snapshot(hf_cache, OLD_COMMIT))
+    assert hub.resolve_weights_dir(None, REPO) == str(snap)
+    assert hub.resolve_weights_dir("local/dir", None) == "local/dir"
     assert hub.resolve_path("some/local/file.safetensors") == Path("some/local/file.safetensors")
     assert hub.resolve_path("file://hf://odd") == Path("hf://odd")
 
