@@ -78,20 +78,28 @@ def _assert_same_logits(ours, ref, tol=1e-5):
 
 
 @functools.cache
-def _restored_model_params(run: Path, step: int):
-    """Params of `step` the way the training loop resumes: full TrainState restore + frozen base from init_from."""
+def _resume_setup(run: Path):
+    """The run's state spec and frozen base, built the way the training loop does on resume."""
     from moshi_jax.training import loop
-    from moshi_jax.training.checkpointing import Checkpointer
     from moshi_jax.training.mesh import make_mesh
     from moshi_jax.training.optimizer import make_optimizer
     from moshi_jax.training.train_lm import lm_program
-    from moshi_jax.training.train_state import build_state_spec, export_params
+    from moshi_jax.training.train_state import build_state_spec
 
     cfg = config_lib.from_json((run / "config.json").read_text())
     program = lm_program(cfg, config_lib.build_lm_config(cfg))
     tx = make_optimizer(cfg.optimizer, cfg.steps)
     spec = build_state_spec(program.task, tx, make_mesh((1, jax.device_count(), 1)), loop.axis_rules(cfg), cfg.lora)
-    _, frozen = loop._initial_state(cfg, program, spec, tx)
+    return spec, loop._initial_state(cfg, program, spec, tx)[1]
+
+
+@functools.cache
+def _restored_model_params(run: Path, step: int):
+    """Merged params of `step` as the loop would export them after resuming there (full TrainState restore)."""
+    from moshi_jax.training.checkpointing import Checkpointer
+    from moshi_jax.training.train_state import export_params
+
+    spec, frozen = _resume_setup(run)
     with Checkpointer(run / "checkpoints") as ckpt:
         state = ckpt.restore(step, spec.abstract_state)
     return jax.device_get(export_params(spec, state, frozen))
