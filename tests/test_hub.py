@@ -135,6 +135,8 @@ def test_missing_repo_file_or_revision_is_a_hub_error_naming_it(hf_cache, call, 
     (["train", "tiny", "--hf-repo", "nobody/nothing"], "nobody/nothing"),
     (["train", "tiny", f"init_from=hf://{REPO}/nope.safetensors"], "nope.safetensors"),
     (["chat", "-o", "x.wav", "--hf-repo", REPO, "--weights-dir", "d"], "not both"),
+    (["chat", "-o", "x.wav", "--tokenizer", f"hf://{REPO}/nope.model"], "nope.model"),
+    (["data", "builtin", "-o", "d", "--mimi-weights", "hf://nobody/nothing/m.safetensors"], "nobody/nothing"),
 ])
 def test_cli_missing_repo_or_file_exits_2_with_one_line_naming_it(hf_cache, argv, words, caplog, tmp_path,
                                                                    monkeypatch):

@@ -3,6 +3,7 @@
     moshi-jax train tiny                               # out of the box: built-in speech dataset, tiny model, CPU
     python -m train.train_lm tiny steps=50 optimizer.lr=3e-3
     python -m train.train_lm 7b init_from=/ckpt/model.safetensors data.sources=/data/train:1.0 mesh.fsdp=8
+    moshi-jax train 7b init_from=hf://kyutai/moshiko-pytorch-bf16 init_lora_from=lora.safetensors lora.enabled=true
 
 `main(argv)` parses `[config] key=value ...` (see moshi_jax.training.config). Without `data.sources` it builds
 the built-in dataset (synthetic two-voice speech with word timestamps, tokenized with Mimi) into
