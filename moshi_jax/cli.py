@@ -22,6 +22,41 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+# ---------------------------------------------------------------------------------------------- hub
+
+
+def _add_hub_args(q, what: str) -> None:
+    """`--hf-repo ORG/NAME [--revision REV]`: take `what` from a Hugging Face repository (moshi_jax.hub)."""
+    q.add_argument("--hf-repo", default=None, metavar="ORG/NAME",
+                   help=f"Hugging Face repository to take {what} from (e.g. kyutai/moshiko-pytorch-bf16), through "
+                        "the local HF cache ($HF_HOME / $HF_HUB_CACHE; HF_HUB_OFFLINE=1: cache only)")
+    q.add_argument("--revision", default=None, help="branch, tag or commit of --hf-repo / hf:// paths (default main)")
+
+
+def _resolve_hub(args: argparse.Namespace) -> None:
+    """Turn `--hf-repo` and `hf://ORG/NAME/FILE` arguments into local paths (in the HF cache), in place, before
+    a command runs; a missing repository or file is a one-line CLIError naming it."""
+    from moshi_jax import hub
+
+    hf_repo, revision = getattr(args, "hf_repo", None), getattr(args, "revision", None)
+    try:
+        if hasattr(args, "weights_dir"):  # chat / asr / tts / serve: a whole repository
+            args.weights_dir = hub.resolve_weights_dir(args.weights_dir, hf_repo, revision)
+        elif hasattr(args, "weights"):  # codec: the repository's Mimi file
+            if hf_repo is not None and args.weights is not None:
+                raise CLIError("give either --weights or --hf-repo, not both")
+            spec = f"hf://{hf_repo}" if hf_repo is not None else args.weights
+            args.weights = hub.resolve_weights(spec, "mimi_name", revision)
+        for name in ("mimi_weights", "tokenizer"):
+            if isinstance(getattr(args, name, None), str):
+                key = "mimi_name" if name == "mimi_weights" else "tokenizer_name"
+                setattr(args, name, str(hub.resolve_weights(getattr(args, name), key, revision)))
+    except hub.HubError as e:
+        raise CLIError(str(e)) from e
+    if isinstance(getattr(args, "weights", None), Path):
+        args.weights = str(args.weights)
+
+
 # ---------------------------------------------------------------------------------------------- codec
 
 
@@ -154,8 +189,10 @@ def _add_codec(sub) -> None:
     csub = p.add_subparsers(dest="codec_cmd", required=True)
 
     def common(q):
-        q.add_argument("--weights", help="reference Mimi safetensors (tokenizer-e351c8d8-checkpoint125.safetensors); "
-                                         "without it a seeded random model is used (with a warning)")
+        q.add_argument("--weights", help="reference Mimi safetensors (tokenizer-e351c8d8-checkpoint125.safetensors), "
+                                         "a local path or hf://ORG/NAME/FILE; without it (and --hf-repo) a seeded "
+                                         "random model is used (with a warning)")
+        _add_hub_args(q, "the Mimi weights (its config.json mimi_name)")
         q.add_argument("--seed", type=int, default=0, help="seed of the random model when --weights is absent")
         q.add_argument("--preset", choices=("released", "tiny"), default="released",
                        help="Mimi configuration (tiny: a small random codec for smoke tests)")
@@ -210,8 +247,13 @@ def _add_train(sub) -> None:
             user_errors += (DataConfigError, RecordError)
         except ImportError:
             pass
+        if args.hf_repo is not None:  # the repository's LM weights (its config.json moshi_name) as init_from
+            overrides.insert(0, f"init_from=hf://{args.hf_repo}" + (f"@{args.revision}" if args.revision else ""))
+        elif args.revision is not None:
+            raise CLIError("--revision applies to --hf-repo; for init_from use hf://ORG/NAME/FILE@REV")
         try:
             cfg = config_lib.load_config(name or "tiny", overrides)
+            _check_hub_sources(cfg)
             if args.print_config:
                 print(config_lib.to_json(cfg))
                 return
@@ -240,7 +282,68 @@ def _add_train(sub) -> None:
     p.add_argument("--config", dest="config_path", default=None, help="same as the positional CONFIG")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--list-configs", action="store_true", help="list the presets in configs/ and exit")
+    _add_hub_args(p, "the initial LM weights (init_from=hf://ORG/NAME[/FILE][@REV] does the same)")
     p.set_defaults(func=cmd_train)
+
+
+def _check_hub_sources(cfg) -> None:
+    """Fetch (or find in the HF cache) the hf:// weights a training config names, before any data is prepared,
+    so that a missing repository or file fails at once with its one-line error."""
+    from moshi_jax import hub
+
+    for key, spec, name in (("init_from", cfg.init_from, "moshi_name"),
+                            ("init_lora_from", cfg.init_lora_from, "lora_name")):
+        if hub.is_hub_path(spec):
+            try:
+                log.info("%s %s -> %s", key, spec, hub.resolve_weights(spec, name))
+            except hub.HubError as e:
+                raise CLIError(f"{key}: {e}") from e
+
+
+def _add_export(sub) -> None:
+    """`moshi-jax export RUN_DIR [--step N | --best] -o OUT`; the job is moshi_jax.training.export."""
+
+    def cmd_export(args: argparse.Namespace) -> None:
+        from moshi_jax import hub
+        from moshi_jax.training import export
+        from moshi_jax.training.checkpointing import CheckpointMismatchError
+        from moshi_jax.training.config import ConfigError
+        from moshi_jax.training.lora_adapter import AdapterError
+
+        req = export.ExportRequest(Path(args.run_dir), Path(args.output), step=args.step, best=args.best,
+                                   dtype=args.dtype, lora_only=args.lora_only, progress=not args.no_progress)
+        try:
+            result = export.export_run(req)
+        except (export.ExportError, CheckpointMismatchError, ConfigError, AdapterError, hub.HubError,
+                FileNotFoundError) as e:
+            raise CLIError(str(e)) from e
+        for line in result.summary().splitlines():
+            log.info("%s", line)
+
+    p = sub.add_parser(
+        "export", help="export a training run's checkpoint: merged reference weights or a LoRA adapter",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write one step of a training run (its Orbax checkpoints) in the reference layout: merged "
+                    "weights (model.safetensors + config.json, read by the reference loaders and by moshi-jax "
+                    "--weights-dir / init_from), or with --lora-only the LoRA adapter as moshi-finetune writes it "
+                    "(lora.safetensors + config.json with lora, lora_rank, lora_scaling) for "
+                    "`python -m moshi.server --lora-weight lora.safetensors --config-path config.json`.",
+        epilog="examples:\n"
+               "  moshi-jax export runs/tiny -o out/                  # latest checkpoint, merged, float32\n"
+               "  moshi-jax export runs/ft --step 5000 --dtype bfloat16 -o out/\n"
+               "  moshi-jax export runs/ft --best --lora-only -o adapter/\n"
+               "--best: of the checkpoints still on disk, the step with the lowest eval loss in "
+               "RUN_DIR/metrics.jsonl (evals every eval_every steps and at the end).")
+    p.add_argument("run_dir", help="the run directory (holds config.json, checkpoints/, metrics.jsonl)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="the checkpoint step to export (default: the latest)")
+    which.add_argument("--best", action="store_true", help="the kept checkpoint with the lowest eval loss")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32", help="tensor dtype (default float32)")
+    p.add_argument("--lora-only", action="store_true",
+                   help="write only the LoRA adapter (+ config.json switching LoRA on) instead of merged weights")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_export)
 
 
 def _add_data(sub) -> None:
@@ -423,8 +526,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--static", default=None,
                    help="serve this folder at / instead of the built-in page (e.g. the reference client's dist/)")
     p.add_argument("--weights-dir", default=None,
-                   help="a downloaded Kyutai Moshi repository (config.json, LM + Mimi safetensors, tokenizer); "
-                        "without it a seeded RANDOM model of --preset is used (loud warning)")
+                   help="a downloaded Kyutai Moshi repository (config.json, LM + Mimi safetensors, tokenizer), or "
+                        "hf://ORG/NAME; without it (and --hf-repo) a seeded RANDOM model of --preset is used")
+    _add_hub_args(p, "the model (as --weights-dir)")
     p.add_argument("--preset", default="tiny", help="random model size without --weights-dir: tiny (default), "
                                                     "bench_111m, moshi_7b")
     p.add_argument("--seed", type=int, default=0, help="seed of the random model")
@@ -551,8 +655,10 @@ def _add_engine(sub) -> None:
 
     def common(q) -> None:
         q.add_argument("--weights-dir", default=None,
-                       help="a downloaded Kyutai repository (config.json, LM + Mimi safetensors, tokenizer .model); "
-                            "without it a seeded RANDOM model of --preset is used (loud warning, meaningless output)")
+                       help="a downloaded Kyutai repository (config.json, LM + Mimi safetensors, tokenizer .model), "
+                            "or hf://ORG/NAME; without it (and --hf-repo) a seeded RANDOM model of --preset is used "
+                            "(loud warning, meaningless output)")
+        _add_hub_args(q, "the model (as --weights-dir)")
         q.add_argument("--preset", default="tiny", help="random model without --weights-dir: tiny (default), "
                                                         "bench_111m, moshi_7b")
         q.add_argument("--seed", type=int, default=42424242,
@@ -633,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_codec(sub)
     _add_train(sub)
+    _add_export(sub)
     _add_data(sub)
     _add_serve(sub)
     _add_engine(sub)
@@ -644,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
+        _resolve_hub(args)
         args.func(args)
     except CLIError as e:
         log.error("%s", e)

@@ -197,7 +197,10 @@ class TrainConfig:
     param_dtype: str = "float32"  # master weights and optimizer state
     remat: str = "none"  # per-layer rematerialisation: none | full | dots | dots_no_batch
     scan_layers: bool = True  # False: unroll the layer stacks in the train step (faster for shallow models)
-    init_from: str | None = None  # reference checkpoint (safetensors) to start from; None: random init
+    init_from: str | None = None  # reference checkpoint (safetensors, or hf://ORG/NAME[/FILE]) to start from
+    # A moshi-finetune LoRA adapter (lora.safetensors of the same base; its config.json beside it gives the
+    # scaling) to continue from: needs lora.enabled with the adapter's rank, and init_from = its base weights.
+    init_lora_from: str | None = None
     eval_every: int = 0  # 0: no eval
     eval_batches: int = 4
     model: ModelConfig = ModelConfig()

@@ -50,6 +50,9 @@ class Program:
     flops_per_step: float = 0.0  # analytic model FLOPs per optimizer step, for MFU
     init_params: Callable[[], Any] | None = None  # pretrained params (None: random init)
     export: Callable[[Any, Path], list[Path]] | None = None  # merged float32 params -> written files
+    # LoRA runs with init_params: the initial LoRA tree (e.g. an imported adapter) for the run's ParamPartition;
+    # None: fresh factors (B = 0).
+    init_lora: Callable[[Any], Any] | None = None
 
 
 def to_global(batch: dict, shardings: dict[str, NamedSharding]) -> dict:
@@ -158,7 +161,8 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
 
 def _initial_state(cfg, program: Program, spec, tx):
     if program.init_params is not None:
-        return init_from_params(spec, program.init_params(), tx, cfg.seed)
+        lora = program.init_lora(spec.partition) if program.init_lora and spec.partition.is_lora else None
+        return init_from_params(spec, program.init_params(), tx, cfg.seed, lora_params=lora)
     return init_train_state(spec, program.task, tx, cfg.seed)
 
 

@@ -11,6 +11,7 @@ separately by `step.aot_compile_step` / `cost_flops`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -110,10 +111,15 @@ class MetricsLogger:
 
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
         self.history: list[dict] = []
+        # Every record as a JSON line (appended across resumes; a re-run step's later line wins): the run's
+        # metric history on disk, e.g. for `moshi-jax export --best`.
+        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")  # closed in close()
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self.history.append({"prefix": prefix, **record})
+        self.jsonl.write(json.dumps({"prefix": prefix, **record}) + "\n")
+        self.jsonl.flush()
         if self.writer is not None:
             for k, v in metrics.items():
                 self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
@@ -124,6 +130,7 @@ class MetricsLogger:
             logger.info(format_line(prefix, step, record))
 
     def close(self) -> None:
+        self.jsonl.close()
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

@@ -3,6 +3,7 @@
     moshi-jax train tiny                               # out of the box: built-in speech dataset, tiny model, CPU
     python -m train.train_lm tiny steps=50 optimizer.lr=3e-3
     python -m train.train_lm 7b init_from=/ckpt/model.safetensors data.sources=/data/train:1.0 mesh.fsdp=8
+    moshi-jax train 7b init_from=hf://kyutai/moshiko-pytorch-bf16 init_lora_from=lora.safetensors lora.enabled=true
 
 `main(argv)` parses `[config] key=value ...` (see moshi_jax.training.config). Without `data.sources` it builds
 the built-in dataset (synthetic two-voice speech with word timestamps, tokenized with Mimi) into
@@ -26,6 +27,7 @@ import jax
 import numpy as np
 
 from moshi_jax.training import config as config_lib
+from moshi_jax.training import lora_adapter
 from moshi_jax.training.config import TrainConfig
 from moshi_jax.training.loop import (  # noqa: F401 - the loop's names, re-exported for scripts and tests
     Program,
@@ -85,10 +87,24 @@ def lm_program(cfg: TrainConfig, lm_cfg) -> Program:
 
             return iter(pipeline.make_dataset(cfg.data, lm_cfg, train=False))
 
-    init_params = None
+    if cfg.init_lora_from and not (cfg.lora.enabled and cfg.init_from):
+        raise config_lib.ConfigError("init_lora_from needs lora.enabled=true (with the adapter's rank) and "
+                                     "init_from = the adapter's base weights")
+    init_params = init_lora = None
     if cfg.init_from:
         def init_params():
-            return lm_checkpoint.load_reference(cfg.init_from, lm_cfg)
+            from moshi_jax import hub
+
+            params = lm_checkpoint.load_reference(hub.resolve_weights(cfg.init_from, "moshi_name"), lm_cfg)
+            if cfg.init_lora_from:  # moshi-finetune `ft_embed` adapters carry trained embedding tables
+                params = lora_adapter.apply_embeddings(params, _adapter(cfg, lm_cfg).embeddings)
+            return params
+
+    if cfg.init_lora_from:
+        def init_lora(partition):
+            adapter = _adapter(cfg, lm_cfg, partition.layouts)
+            logger.info("LoRA factors from the adapter %s (rank %d)", cfg.init_lora_from, adapter.rank)
+            return adapter.lora
 
     def export(params, out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +115,31 @@ def lm_program(cfg: TrainConfig, lm_cfg) -> Program:
     dep_q = lm_dep_q(lm_cfg)
     return Program(task=TrainTask(init, loss), batch_shardings=shardings, train_iter=train_iter,
                    eval_iter=eval_iter, tokens_per_step=B * T * (1 + dep_q),
-                   flops_per_step=lm_flops_per_step(lm_cfg, init, B, T), init_params=init_params, export=export)
+                   flops_per_step=lm_flops_per_step(lm_cfg, init, B, T), init_params=init_params, export=export,
+                   init_lora=init_lora)
+
+
+def _adapter(cfg: TrainConfig, lm_cfg, layouts=None):
+    """The run's `init_lora_from` adapter, checked against its LoRA settings (rank, scaling)."""
+    from moshi_jax import hub
+
+    if layouts is None:
+        from flax import linen as nn
+
+        from moshi_jax.lm.model import init_params as lm_init
+        from moshi_jax.training import lora as lora_lib
+
+        boxed = jax.eval_shape(lambda k: lm_init(lm_cfg, k), jax.random.PRNGKey(0))
+        layouts = lora_lib.lora_layouts(nn.unbox(boxed), lora_lib.logical_axes(boxed))
+    path = hub.resolve_weights(cfg.init_lora_from, "lora_name")
+    adapter = lora_adapter.load_adapter(path, lm_cfg, layouts)
+    if adapter.rank != cfg.lora.rank:
+        raise config_lib.ConfigError(f"init_lora_from {cfg.init_lora_from} has rank {adapter.rank}; set "
+                                     f"lora.rank={adapter.rank}")
+    if adapter.scaling is not None and adapter.scaling != cfg.lora.scaling:
+        raise config_lib.ConfigError(f"init_lora_from {cfg.init_lora_from} was trained with lora_scaling "
+                                     f"{adapter.scaling:g} (its config.json); set lora.scaling={adapter.scaling:g}")
+    return adapter
 
 
 def lm_num_streams(lm_cfg) -> int:

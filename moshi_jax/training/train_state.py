@@ -200,11 +200,13 @@ def _make_init_fn(task: TrainTask, partition: ParamPartition, tx: optax.Gradient
     return init_fn
 
 
-def _state_from_params(params: Any, partition: ParamPartition, tx, k_lora: Array, k_state: Array):
+def _state_from_params(params: Any, partition: ParamPartition, tx, k_lora: Array, k_state: Array,
+                       lora_params: Any = None):
     params = _cast(params, jnp.float32)  # master weights
-    lora_params = None
-    if partition.is_lora:
+    if partition.is_lora and lora_params is None:
         lora_params = lora_lib.init_lora(k_lora, partition.layouts, partition.lora.rank)
+    elif partition.is_lora:
+        lora_params = _cast(lora_params, jnp.float32)
     trainable, frozen = partition.split(params, lora_params)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable), rng=k_state)
     return state, frozen
@@ -219,10 +221,11 @@ def init_train_state(spec: StateSpec, task: TrainTask, tx: optax.GradientTransfo
         return init_fn(jax.random.PRNGKey(seed))
 
 
-def init_from_params(spec: StateSpec, params: Any, tx: optax.GradientTransformation, seed: int
-                     ) -> tuple[TrainState, Any]:
+def init_from_params(spec: StateSpec, params: Any, tx: optax.GradientTransformation, seed: int,
+                     lora_params: Any = None) -> tuple[TrainState, Any]:
     """(state, frozen) from given model params (e.g. a reference checkpoint): params are placed with their
-    shardings first, then the optimizer state and LoRA factors are created sharded."""
+    shardings first, then the optimizer state and LoRA factors are created sharded. `lora_params`: the initial
+    LoRA tree of a LoRA run (e.g. an imported adapter; shaped like `spec`'s), default fresh factors."""
     got = traverse_util.flatten_dict(params)
     want = traverse_util.flatten_dict(spec.abstract_params)
     if set(got) != set(want):
@@ -233,14 +236,21 @@ def init_from_params(spec: StateSpec, params: Any, tx: optax.GradientTransformat
         raise ValueError(f"param shapes do not match the model (path, got, expected): {bad[:5]}")
     param_sh = logical_shardings(spec.axes, spec.mesh, spec.rules, spec.abstract_params)
     params = jax.device_put(params, param_sh)
+    if lora_params is not None:
+        want_lora = spec.abstract_state.params["lora"]
+        if jax.tree.structure(lora_params) != jax.tree.structure(want_lora) or any(
+                tuple(x.shape) != tuple(y.shape) for x, y in zip(jax.tree.leaves(lora_params),
+                                                                 jax.tree.leaves(want_lora), strict=True)):
+            raise ValueError("initial LoRA tree does not match the run's LoRA targets / rank")
+        lora_params = jax.device_put(lora_params, spec.state_shardings.params["lora"])
 
-    def build(p, key):
+    def build(p, lora, key):
         _, k_lora, k_state = jax.random.split(key, 3)
-        return _state_from_params(p, spec.partition, tx, k_lora, k_state)
+        return _state_from_params(p, spec.partition, tx, k_lora, k_state, lora)
 
     fn = jax.jit(build, out_shardings=(spec.state_shardings, spec.frozen_shardings))
     with jax.set_mesh(spec.mesh):
-        return fn(params, jax.random.PRNGKey(seed))
+        return fn(params, lora_params, jax.random.PRNGKey(seed))
 
 
 def export_params(spec: StateSpec, state: TrainState, frozen: Any) -> Any:
