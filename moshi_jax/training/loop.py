@@ -176,7 +176,10 @@ def _check_nonfinite(flags: list, policy: str) -> int:
     for s, bad, loss, grad_norm in flags:
         if not bad:
             continue
-        what = f"loss {float(loss)}, gradient norm {float(grad_norm)}"
+        values = (("loss", float(loss)), ("gradient norm", float(grad_norm)))
+        finite = [f"{k} {v:.4g}" for k, v in values if np.isfinite(v)]
+        what = " and ".join(f"{k} {v}" for k, v in values if not np.isfinite(v)) + (
+            f" ({', '.join(finite)})" if finite else "")
         if policy == "stop":
             raise TrainingDivergedError(
                 f"step {s}: non-finite {what}; training stopped (nan_policy=stop) with the params of step {s - 1} "
