@@ -244,7 +244,7 @@ def _add_train(sub) -> None:
     def cmd_train(args: argparse.Namespace) -> None:
         from moshi_jax.training import config as config_lib
         from moshi_jax.training import train_lm
-        from moshi_jax.training.checkpointing import CheckpointMismatchError
+        from moshi_jax.training.checkpointing import CheckpointCorruptError, CheckpointMismatchError
         from moshi_jax.training.loop import TrainingDivergedError
 
         if args.list_configs:
@@ -276,7 +276,7 @@ def _add_train(sub) -> None:
             train_lm.run(cfg)
         except user_errors as e:
             raise CLIError(str(e)) from e
-        except TrainingDivergedError as e:
+        except (TrainingDivergedError, CheckpointCorruptError) as e:
             raise JobError(str(e)) from e
 
     p = sub.add_parser(

@@ -47,6 +47,10 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint on disk does not fit the model/optimizer of this run."""
 
 
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint step that cannot be read back (names the step)."""
+
+
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -208,7 +212,11 @@ class Checkpointer:
 
     def check_compatible(self, step: int, abstract_state: Any) -> None:
         """Raise CheckpointMismatchError when the saved state's tree does not match `abstract_state`."""
-        meta = self.manager.item_metadata(step)[STATE]
+        try:
+            meta = self.manager.item_metadata(step)[STATE]
+        except Exception as e:  # noqa: BLE001 - e.g. a damaged metadata JSON: name the step, one line
+            raise CheckpointCorruptError(f"checkpoint {self.directory / str(step)}: unreadable metadata "
+                                         f"({type(e).__name__}: {str(e).strip()[:300]})") from e
         saved, want = _flat(meta), _flat(abstract_state)
         missing, unexpected = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
         problems = []
@@ -237,7 +245,13 @@ class Checkpointer:
             if not has_data:
                 raise CheckpointMismatchError(f"checkpoint step {step} has no data iterator state to restore")
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - Orbax / tensorstore raise many types; say which step, in one line
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise CheckpointCorruptError(
+                f"checkpoint {self.directory / str(step)} cannot be restored ({type(e).__name__}: {first}); move "
+                f"it aside to resume from an earlier step, or set checkpoint.resume=false") from e
         return restored[STATE]
 
     def wait(self) -> None:

@@ -131,3 +131,18 @@ def test_no_intact_step_starts_from_scratch_and_keeps_the_damaged_ones(sealed_ru
         assert ckpt.all_steps() == []
     assert sorted(p.name for p in (run / "checkpoints" / "damaged").iterdir()) == ["1", "2", "3"]
     assert any("starting from the beginning" in r.getMessage() for r in caplog.records)
+
+
+def test_restoring_a_damaged_step_directly_is_one_clear_error(sealed_run, tmp_path):
+    from moshi_jax.training.checkpointing import CheckpointCorruptError
+    from moshi_jax.training.optimizer import make_optimizer
+    from moshi_jax.training.train_state import build_state_spec
+
+    run = _copy(sealed_run, tmp_path)
+    _empty_metadata(run / "checkpoints" / "3" / "state" / "_METADATA")
+    spec = build_state_spec(toy_program().task, make_optimizer(_cfg(run).optimizer, STEPS), make_mesh((1, 1, 1)),
+                            RULES)
+    with Checkpointer(run / "checkpoints") as ckpt:
+        with pytest.raises(CheckpointCorruptError, match=r"checkpoints/3") as e:
+            ckpt.restore(3, spec.abstract_state)
+    assert "\n" not in str(e.value)
