@@ -259,7 +259,10 @@ def _add_train(sub) -> None:
             if name is not None:
                 raise CLIError(f"config given twice: {args.config!r} and --config {name!r}")
             name = args.config
-        user_errors: tuple[type[Exception], ...] = (config_lib.ConfigError, CheckpointMismatchError)
+        from moshi_jax.finite import NonFiniteError
+
+        user_errors: tuple[type[Exception], ...] = (config_lib.ConfigError, CheckpointMismatchError,
+                                                    NonFiniteError)  # NaN in init_from's weights
         try:  # unusable data sources are user errors too
             from moshi_jax.data.pipeline import DataConfigError
             from moshi_jax.data.records import RecordError

@@ -312,7 +312,8 @@ def load_reference(src: str | Path | Mapping[str, Any], cfg: LMConfig, dtype: An
         # Convert leaf by leaf (never the whole checkpoint in float32 at once).
         buf = np.empty(shape, dtype) if entries[0].index else None
         for e in entries:
-            val = np.asarray(e.to_jax(src_.get(e.key).astype(np.float32))).astype(dtype)
+            with np.errstate(over="ignore"):  # an overflow to inf is reported below, naming the tensor
+                val = np.asarray(e.to_jax(src_.get(e.key).astype(np.float32))).astype(dtype)
             if bad := count_nonfinite(val):  # NaN/inf in the file, or values overflowing `dtype`
                 nonfinite.append(f"{e.key} ({bad} of {val.size} values)")
             if buf is None:
