@@ -452,12 +452,11 @@ def _load_tokenizer(tokenizer) -> tuple[Any, dict[str, Any]]:
 
 def tokenize_dataset(manifest: str | Path, out_dir: str | Path, *, mimi_weights: str | Path | None = None,
                      mimi_preset: str = "released", mimi_seed: int = 0, tokenizer=None,
-                     options: TokenizeOptions | None = None, mimi=None, manifest_label: str | None = None) -> Path:
+                     options: TokenizeOptions | None = None, mimi=None) -> Path:
     """Tokenize the dataset of `manifest` into `out_dir` (see the module docstring). Returns index.json's path.
 
     `tokenizer`: SentencePiece `.model` path or a `moshi_jax.lm.tokenizer.TextTokenizer` (None: every text
     stream is -1, with a warning). `mimi`: an already built (codec, params, description) to reuse.
-    `manifest_label`: the manifest path recorded in index.json (default `manifest`).
     The dataset is written into a temporary sibling folder that replaces `out_dir` only when complete: a
     failure leaves an earlier dataset there intact. No usable entry at all is a NothingProducedError.
     """
@@ -502,12 +501,12 @@ def tokenize_dataset(manifest: str | Path, out_dir: str | Path, *, mimi_weights:
     if (out / INDEX_NAME).exists():
         log.info("replacing the tokenized dataset in %s once the new one is complete", out)
     with atomic_dir(out) as tmp:
-        index = _tokenize_into(tmp, out, manifest_label or str(Path(manifest)), entries, skipped, opts, codec,
+        index = _tokenize_into(tmp, out, str(Path(manifest)), entries, skipped, opts, codec,
                                params, mimi_desc, text_desc, word_tokens, num_manifest_entries, t0)
     return out / index.name
 
 
-def _tokenize_into(out: Path, final: Path, manifest_label: str, entries, skipped, opts: TokenizeOptions, codec,
+def _tokenize_into(out: Path, final: Path, manifest: str, entries, skipped, opts: TokenizeOptions, codec,
                    params, mimi_desc, text_desc, word_tokens, num_manifest_entries: int, t0: float) -> Path:
     """The encoding pass of `tokenize_dataset`, writing shards + index into `out` (the temporary folder)."""
     cfg = codec.cfg
@@ -574,7 +573,7 @@ def _tokenize_into(out: Path, final: Path, manifest_label: str, entries, skipped
         raise NothingProducedError(f"no file could be tokenized: all {num_manifest_entries} manifest entries are "
                                    f"bad{first}; nothing written")
     mimi_desc = dict(mimi_desc, num_codebooks=opts.num_codebooks, chunk_frames=opts.chunk_frames)
-    config = {"manifest": manifest_label, "mimi": mimi_desc, "text": text_desc,
+    config = {"manifest": manifest, "mimi": mimi_desc, "text": text_desc,
               "allow_mono": opts.allow_mono, "resample": opts.resample}
     counts = {"manifest_entries": num_manifest_entries, "hours": sum(r["duration"] for r in records) / 3600,
               "files_without_alignments": stats["files_without_alignments"], "mono_files": stats["mono_files"],
@@ -718,15 +717,19 @@ def prepare_builtin_dataset(out_dir: str | Path, *, num_dialogues: int = 10, sec
         log.info("no Mimi weights can be downloaded on this machine: the built-in dataset is tokenized with a "
                  "seeded random Mimi (%s config); pass mimi_weights for the released codec", mimi_preset)
     with atomic_dir(out) as tmp:  # an earlier build stays usable until this one is complete
-        manifest = speech_synth.build_dialogue_dataset(tmp / "raw", num_dialogues, seconds, seed)
+        try:
+            manifest = speech_synth.build_dialogue_dataset(tmp / "raw", num_dialogues, seconds, seed)
+        except ValueError as e:  # bad sizes: checked there before any synthesis
+            raise TokenizeError(str(e)) from None
         spm_path = train_sentencepiece(speech_synth.SENTENCES, tmp / "tokenizer.model", vocab_size)
         opts = TokenizeOptions(num_codebooks=num_codebooks, batch_size=batch_size, chunk_frames=chunk_frames,
                                on_error="fail", progress=progress)
         tokenize_dataset(manifest, tmp / "tokens", mimi_weights=mimi_weights, mimi_preset=mimi_preset,
-                         mimi_seed=mimi_seed, tokenizer=spm_path, options=opts, mimi=mimi,
-                         manifest_label=str(out / "raw" / Path(manifest).name))
+                         mimi_seed=mimi_seed, tokenizer=spm_path, options=opts, mimi=mimi)
         corpus = tmp / "raw" / "sentences.txt"
         corpus.write_text("\n".join(speech_synth.SENTENCES) + "\n")
         tokenize_text([corpus], tmp / "text", spm_path)
+        for index in (tmp / "tokens" / INDEX_NAME, tmp / "text" / INDEX_NAME):  # paths as they will be
+            index.write_text(index.read_text().replace(json.dumps(str(tmp))[1:-1], json.dumps(str(out))[1:-1]))
         (tmp / "builtin.json").write_text(json.dumps(settings))
     return tokens
