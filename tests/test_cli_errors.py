@@ -108,6 +108,8 @@ CASES = {
     "builtin --num-dialogues 0": (lambda d: ["data", "builtin", "-o", d["out"], "--num-dialogues", "0"],
                                   "--num-dialogues must be >= 1"),
     "builtin --seconds -1": (lambda d: ["data", "builtin", "-o", d["out"], "--seconds", "-1"], "--seconds"),
+    "builtin --seconds 2": (lambda d: ["data", "builtin", "-o", d["out"], "--seconds", "2"],
+                            "seconds must be >= 3"),
     # engine
     "chat -o under a file": (lambda d: ["chat", "-i", d["wav"], "-o", f"{d['file']}/x.wav"], "is a file"),
     "chat -o an existing folder": (lambda d: ["chat", "-i", d["wav"], "-o", d["dir"]], "is an existing folder"),

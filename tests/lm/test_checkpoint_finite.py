@@ -8,14 +8,16 @@ import pytest
 from moshi_jax.finite import NonFiniteError
 from moshi_jax.lm import checkpoint as ck
 from moshi_jax.lm.config import LMConfig
-from moshi_jax.lm.model import LMModel
 
 CFG = LMConfig.tiny()
 
 
 @pytest.fixture(scope="module")
 def state_dict():
-    params = LMModel(CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 1 + CFG.n_q, 4), jnp.int32))["params"]
+    """Random values in the tiny LM's reference layout (shapes from eval_shape: nothing is compiled)."""
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32),
+                          ck.abstract_params(CFG))
     return ck.to_reference_state_dict(params, CFG)
 
 
