@@ -57,17 +57,21 @@ def _sha256(path: Path) -> str:
 
 
 def _files(step_dir: Path) -> list[Path]:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != SEAL)
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and not p.name.startswith(SEAL))
 
 
 def seal_step(step_dir: str | Path) -> Path:
     """Write `step_dir/integrity.json`: {relative path: {size, sha256}} of every file (atomically, last)."""
-    from moshi_jax.io_atomic import atomic_write_text
-
     step_dir = Path(step_dir)
     files = {str(p.relative_to(step_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in _files(step_dir)}
-    return atomic_write_text(step_dir / SEAL, json.dumps({"version": 1, "files": files}, indent=0))
+    tmp = step_dir / (SEAL + ".tmp")  # not io_atomic: a folder deleted meanwhile must not be re-created
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"version": 1, "files": files}, indent=0))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, step_dir / SEAL)
+    return step_dir / SEAL
 
 
 def verify_step(step_dir: str | Path) -> str | None:
@@ -123,20 +127,37 @@ class Checkpointer:
         self._async = async_save
         self._to_seal: set[int] = set()  # steps saved by this object and not sealed yet
         self._lock = threading.Lock()  # save() may be called from several threads (tests, hooks)
+        self._sealer: threading.Thread | None = None
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
-    def _seal_pending(self) -> None:
+    def _seal_pending(self, block: bool = False) -> None:
         """Seal the steps this object saved once Orbax has finished them (their folder has its final name).
         Orbax's post-finalization hook runs before that rename, so instead every `save` call (the loop makes
-        one per step) and `wait` / `close` seal what is done: a step is sealed at most one step after it
-        landed."""
+        one per step) and `wait` / `close` (block=True) look for finished steps. Hashing runs on a background
+        thread (hashlib releases the GIL), so a large checkpoint does not stall training; a step killed before
+        its seal is written is simply not trusted on resume."""
+        if self._sealer is not None and (block or not self._sealer.is_alive()):
+            self._sealer.join()
+            self._sealer = None
+        if self._sealer is not None:
+            return
         with self._lock:
-            for step in sorted(self._to_seal):
-                d = self.directory / str(step)
-                if d.is_dir():
-                    if jax.process_index() == 0:
-                        seal_step(d)
-                    self._to_seal.discard(step)
+            ready = [s for s in sorted(self._to_seal) if (self.directory / str(s)).is_dir()]
+            self._to_seal.difference_update(ready)
+        if not ready or jax.process_index() != 0:
+            return
+        self._sealer = threading.Thread(target=self._seal, args=(ready,), name="checkpoint-seal", daemon=True)
+        self._sealer.start()
+        if block:
+            self._sealer.join()
+            self._sealer = None
+
+    def _seal(self, steps: list[int]) -> None:
+        for step in steps:
+            try:
+                seal_step(self.directory / str(step))
+            except OSError as e:  # e.g. deleted meanwhile by keep-last-K: nothing left to seal
+                log.debug("checkpoint step %d not sealed: %s", step, e)
 
     def verify(self, step: int) -> str | None:
         """None when step `step` is intact, else why not (see `verify_step`)."""
@@ -145,7 +166,8 @@ class Checkpointer:
     def latest_good_step(self) -> int | None:
         """The newest step that verifies; newer ones are logged (one line each, with the reason) and moved to
         `<dir>/damaged/`. None when no step is left."""
-        self._seal_pending()
+        self.manager.wait_until_finished()
+        self._seal_pending(block=True)
         moved = False
         for step in sorted(self.all_steps(), reverse=True):
             reason = self.verify(step)
@@ -201,7 +223,7 @@ class Checkpointer:
             with self._lock:
                 self._to_seal.discard(int(step))
         if saving and not self._async:
-            self._seal_pending()
+            self._seal_pending(block=True)
         return saving
 
     def saved_config(self, step: int | None = None) -> dict | None:
@@ -256,11 +278,11 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
-        self._seal_pending()
+        self._seal_pending(block=True)
 
     def close(self) -> None:
         self.manager.wait_until_finished()
-        self._seal_pending()
+        self._seal_pending(block=True)
         self.manager.close()
 
     def __enter__(self):
