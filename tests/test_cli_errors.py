@@ -175,3 +175,34 @@ def test_unexpected_failure_is_one_line_exit_1_and_debug_raises(monkeypatch, cap
     _one_error(caplog, "RuntimeError: something inside broke", "--debug")
     with pytest.raises(RuntimeError):
         cli.main(["--debug", *args])
+
+
+@pytest.mark.parametrize("error", ["diverged", "corrupt"])
+def test_training_that_cannot_finish_is_one_line_exit_1(error, monkeypatch, caplog, tmp_path):
+    import moshi_jax.training.train_lm as train_lm
+    from moshi_jax.training.checkpointing import CheckpointCorruptError
+    from moshi_jax.training.loop import TrainingDivergedError
+
+    exc = {"diverged": TrainingDivergedError("step 3: non-finite gradient norm nan (loss 4.852e+33)"),
+           "corrupt": CheckpointCorruptError("checkpoint runs/x/checkpoints/7 cannot be restored")}[error]
+
+    def run(cfg):
+        raise exc
+
+    monkeypatch.setattr(train_lm, "run", run)
+    assert cli.main(["train", "tiny", f"run_dir={tmp_path / 'run'}"]) == 1
+    _one_error(caplog, str(exc))
+
+
+def test_decoder_nan_is_caught_where_computed_before_anything_is_written(tmp_path):
+    import jax
+
+    from moshi_jax.mimi.config import MimiConfig
+    from moshi_jax.mimi.model import MimiCodec
+
+    codec = MimiCodec(MimiConfig.tiny())
+    params = codec.init(jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: x * np.nan, params)  # a broken model (loading would refuse such weights)
+    codes = np.zeros((2, 5), np.int32)
+    with pytest.raises(cli.JobError, match=r"decoder produced NaN/inf samples at 0.00-0.40 s"):
+        cli._decode(codec, params, codes, chunk_frames=5)
