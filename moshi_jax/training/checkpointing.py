@@ -2,7 +2,7 @@
 
     ckpt = Checkpointer(dir, every=500, keep=3, async_save=True)
     ckpt.save(step, state, data_iter, config_json)        # every `every` steps (force=True: now), async
-    step = ckpt.latest_step()
+    step = ckpt.latest_good_step()                         # newest step whose checksums verify (see below)
     state = ckpt.restore(step, spec.abstract_state, data_iter)   # onto spec's mesh; data_iter restored in place
     ckpt.close()                                           # waits for pending async saves
 
@@ -215,13 +215,10 @@ class Checkpointer:
             items[CONFIG] = ocp.args.JsonSave(json.loads(config) if isinstance(config, str) else config)
         if not self.manager.is_saving_in_progress():
             self._seal_pending()
-        if force or self.manager.should_save(int(step)):
-            with self._lock:  # before saving: the finalize callback may run before save() returns
-                self._to_seal.add(int(step))
         saving = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
-        if not saving:
+        if saving:
             with self._lock:
-                self._to_seal.discard(int(step))
+                self._to_seal.add(int(step))
         if saving and not self._async:
             self._seal_pending(block=True)
         return saving
