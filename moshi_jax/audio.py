@@ -73,6 +73,9 @@ def resample(wav: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return np.ascontiguousarray(soxr.resample(x.T, from_rate, to_rate, quality="HQ").T, dtype=np.float32)
 
 
+LOUD_PEAK = 4.0  # a float file peaking above this is almost surely mis-scaled (warned about)
+
+
 def load_audio(
     path: str | os.PathLike,
     sample_rate: int,
@@ -117,6 +120,10 @@ def load_audio(
     if not np.all(np.isfinite(data)):
         bad = int(np.sum(~np.isfinite(data)))
         raise AudioError(f"{p}: {bad} non-finite samples (NaN or inf)")
+    peak = float(np.max(np.abs(data)))
+    if peak > LOUD_PEAK:
+        log.warning("%s: peak amplitude %.3g is far above full scale (1.0): the audio is probably mis-scaled "
+                    "(e.g. integer sample values stored as float); the models expect [-1, 1]", p, peak)
     wav = np.ascontiguousarray(data.T)  # [C, T]
     if mono and channels > 1:
         log.info("%s: downmixing %d channels to mono", p, channels)
@@ -138,14 +145,20 @@ def save_audio(path: str | os.PathLike, wav: np.ndarray, sample_rate: int) -> Pa
         raise AudioError(f"{path}: refusing to save empty audio")
     if not np.all(np.isfinite(x)):
         raise AudioError(f"{path}: refusing to save audio with NaN/inf samples")
+    from moshi_jax.io_atomic import OutputPathError, atomic_path
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(p), np.ascontiguousarray(x.T.astype(np.float32)), int(sample_rate), subtype="FLOAT", format="WAV")
-    # libsndfile's PEAK chunk (float WAV) carries the wall-clock write time: zero it so that the same audio
-    # always gives the same bytes (reproducible datasets, content hashes).
-    with open(p, "r+b") as f:
-        for chunk_id, offset, chunk_size in _riff_chunks(f):
-            if chunk_id == b"PEAK" and chunk_size >= 8:
-                f.seek(offset + 4)  # payload: version (u32), timestamp (u32), per-channel peaks
-                f.write(b"\0\0\0\0")
+    try:
+        with atomic_path(p) as tmp:  # the file appears complete or not at all
+            sf.write(str(tmp), np.ascontiguousarray(x.T.astype(np.float32)), int(sample_rate), subtype="FLOAT",
+                     format="WAV")
+            # libsndfile's PEAK chunk (float WAV) carries the wall-clock write time: zero it so that the same
+            # audio always gives the same bytes (reproducible datasets, content hashes).
+            with open(tmp, "r+b") as f:
+                for chunk_id, offset, chunk_size in _riff_chunks(f):
+                    if chunk_id == b"PEAK" and chunk_size >= 8:
+                        f.seek(offset + 4)  # payload: version (u32), timestamp (u32), per-channel peaks
+                        f.write(b"\0\0\0\0")
+    except OutputPathError as e:
+        raise AudioError(str(e)) from None
     return p

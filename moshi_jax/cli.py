@@ -11,7 +11,46 @@ log = logging.getLogger("moshi_jax")
 
 
 class CLIError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
+    """A user mistake (bad argument, path or input): one log line without a traceback, exit status 2."""
+
+    exit_code = 2
+
+
+class JobError(CLIError):
+    """The job ran but cannot give a correct result (training diverged, NaN output, nothing produced):
+    one log line, exit status 1."""
+
+    exit_code = 1
+
+
+def _output_file(path: str) -> None:
+    """Checks of a file the command will write, done before any model is built."""
+    from moshi_jax.io_atomic import OutputPathError, check_output_path
+
+    try:
+        check_output_path(path, "file")
+    except OutputPathError as e:
+        raise CLIError(str(e)) from None
+
+
+def _output_dir(path: str) -> None:
+    from moshi_jax.io_atomic import OutputPathError, check_output_path
+
+    try:
+        check_output_path(path, "dir")
+    except OutputPathError as e:
+        raise CLIError(str(e)) from None
+
+
+def _at_least(flag: str, value, low) -> None:
+    if value is not None and not value >= low:
+        raise CLIError(f"{flag} must be >= {low}, got {value}")
+
+
+def _input_file(flag: str, path: str | None) -> None:
+    if path is not None and not Path(path).is_file():
+        what = "is a folder, not a file" if Path(path).is_dir() else "not found"
+        raise CLIError(f"{flag} {path}: {what}")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -81,6 +120,7 @@ def _load_codec(weights: str | None, seed: int, preset: str = "released"):
 
 
 def _read_audio(path: str | None, sample_rate: int):
+    """[1, T] float32 at `sample_rate` (the built-in speech sample without `path`)."""
     import numpy as np
 
     from moshi_jax.audio import AudioError, load_audio
@@ -129,7 +169,12 @@ def _decode(codec, params, codes, chunk_frames: int):
     out = []
     for i in tqdm(range(n_chunks), desc="decode", unit="chunk", disable=n_chunks < 2):
         state, wav = codec.decode_chunk(params, state, padded[..., i * chunk_frames: (i + 1) * chunk_frames])
-        out.append(np.asarray(wav))
+        wav = np.asarray(wav)
+        if not np.isfinite(wav).all():
+            start = i * chunk_frames / codec.cfg.frame_rate
+            raise JobError(f"the decoder produced NaN/inf samples at {start:.2f}-"
+                           f"{start + chunk_frames / codec.cfg.frame_rate:.2f} s (broken weights?); nothing written")
+        out.append(wav)
     return np.concatenate(out, axis=-1)[0, 0, : F * codec.cfg.frame_size]
 
 
@@ -153,33 +198,43 @@ def _check_codes(codes, cfg) -> None:
 def cmd_codec(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from moshi_jax.audio import save_audio
+    from moshi_jax.audio import AudioError, save_audio
+    from moshi_jax.io_atomic import atomic_path
+
+    # every argument, path and input is checked before the codec is built
+    cfg = _mimi_config(args.preset)
+    _output_file(args.output)
+    _at_least("--chunk-frames", args.chunk_frames, 1)
+    _input_file("--weights", args.weights)
+    k = cfg.num_codebooks if getattr(args, "num_codebooks", None) is None else args.num_codebooks
+    if not 1 <= k <= cfg.n_q:
+        raise CLIError(f"--num-codebooks must be in 1..{cfg.n_q}, got {k}")
     wav = None
     if args.codec_cmd in ("encode", "roundtrip"):
-        wav = _read_audio(args.input, _mimi_config(args.preset).sample_rate)  # read first: bad input fails fast
-    cfg, codec, params = _load_codec(args.weights, args.seed, args.preset)
+        wav = _read_audio(args.input, cfg.sample_rate)
     if args.codec_cmd == "decode":
         try:
             codes = np.load(args.input, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise CLIError(f"cannot read codes from {args.input}: {e}") from e
         _check_codes(codes, cfg)
+    cfg, codec, params = _load_codec(args.weights, args.seed, args.preset)
     if args.codec_cmd in ("encode", "roundtrip"):
-        k = args.num_codebooks or cfg.num_codebooks
-        if not 1 <= k <= cfg.n_q:
-            raise CLIError(f"--num-codebooks must be in 1..{cfg.n_q}, got {k}")
         log.info("encoding %.2f s of audio with %d codebooks", wav.shape[-1] / cfg.sample_rate, k)
         codes = _encode(codec, params, wav, k, args.chunk_frames)
         log.info("codes: %s (%d frames at %.1f Hz)", codes.shape, codes.shape[-1], cfg.frame_rate)
         if args.codec_cmd == "encode":
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            np.save(args.output, codes.astype(np.int32))
+            with atomic_path(args.output) as tmp, open(tmp, "wb") as f:  # exactly -o (np.save(path) adds .npy)
+                np.save(f, codes.astype(np.int32))
             log.info("wrote %s", args.output)
             return
     out = _decode(codec, params, codes, args.chunk_frames)
     if args.codec_cmd == "roundtrip":
         out = out[: wav.shape[-1]]  # drop the zero padding of the last frame
-    save_audio(args.output, out, cfg.sample_rate)
+    try:
+        save_audio(args.output, out, cfg.sample_rate)
+    except AudioError as e:
+        raise JobError(str(e)) from e
     log.info("wrote %s (%.2f s at %d Hz)", args.output, out.shape[-1] / cfg.sample_rate, cfg.sample_rate)
 
 
@@ -202,7 +257,8 @@ def _add_codec(sub) -> None:
     e = csub.add_parser("encode", help="audio file -> codes .npy [K, T]",
                         description="Encode any audio file (resampled to 24 kHz mono) into integer codes [K, T].")
     e.add_argument("input", help="audio file (any rate / channel count libsndfile reads)")
-    e.add_argument("-o", "--output", required=True, help="output .npy (int32 [K, T])")
+    e.add_argument("-o", "--output", required=True, help="output file, written as .npy (int32 [K, T]) under exactly "
+                                                         "this name")
     e.add_argument("--num-codebooks", type=int, default=None, help="codebooks to keep (1..32, default 8)")
     common(e)
     d = csub.add_parser("decode", help="codes .npy [K, T] -> 24 kHz float WAV",
@@ -225,7 +281,8 @@ def _add_train(sub) -> None:
     def cmd_train(args: argparse.Namespace) -> None:
         from moshi_jax.training import config as config_lib
         from moshi_jax.training import train_lm
-        from moshi_jax.training.checkpointing import CheckpointMismatchError
+        from moshi_jax.training.checkpointing import CheckpointCorruptError, CheckpointMismatchError
+        from moshi_jax.training.loop import TrainingDivergedError
 
         if args.list_configs:
             for name in config_lib.available_configs():
@@ -239,7 +296,10 @@ def _add_train(sub) -> None:
             if name is not None:
                 raise CLIError(f"config given twice: {args.config!r} and --config {name!r}")
             name = args.config
-        user_errors: tuple[type[Exception], ...] = (config_lib.ConfigError, CheckpointMismatchError)
+        from moshi_jax.finite import NonFiniteError
+
+        user_errors: tuple[type[Exception], ...] = (config_lib.ConfigError, CheckpointMismatchError,
+                                                    NonFiniteError)  # NaN in init_from's weights
         try:  # unusable data sources are user errors too
             from moshi_jax.data.pipeline import DataConfigError
             from moshi_jax.data.records import RecordError
@@ -261,6 +321,8 @@ def _add_train(sub) -> None:
             train_lm.run(cfg)
         except user_errors as e:
             raise CLIError(str(e)) from e
+        except (TrainingDivergedError, CheckpointCorruptError) as e:
+            raise JobError(str(e)) from e
 
     p = sub.add_parser(
         "train", help="train / fine-tune the Moshi LM (default: tiny model on a built-in speech dataset)",
@@ -355,6 +417,12 @@ def _add_data(sub) -> None:
         from moshi_jax.data import tokenize
         from moshi_jax.data.records import RecordError, TokenizedDataset
 
+        if args.data_cmd != "inspect":
+            _output_dir(args.output)
+        if args.data_cmd == "builtin":
+            _at_least("--num-dialogues", args.num_dialogues, 1)
+            if args.seconds is not None and not args.seconds > 0:
+                raise CLIError(f"--seconds must be > 0, got {args.seconds}")
         try:
             if args.data_cmd == "tokenize":
                 speakers = tuple(s for s in args.speakers.split(",") if s) if args.speakers else None
@@ -382,6 +450,8 @@ def _add_data(sub) -> None:
                 summary = {"kind": ds.kind, "counts": ds.index["counts"], "config": ds.index["config"],
                            "skipped": ds.index["skipped"]}
                 print(json.dumps(summary, indent=2))
+        except tokenize.NothingProducedError as e:
+            raise JobError(str(e)) from e
         except (tokenize.TokenizeError, RecordError) as e:
             raise CLIError(str(e)) from e
 
@@ -599,14 +669,20 @@ def _add_engine(sub) -> None:
         try:
             save_audio(path, pcm, sample_rate)
         except AudioError as e:
-            raise CLIError(str(e)) from e
+            raise JobError(str(e)) from e
         log.info("wrote %s (%.2f s)", path, len(pcm) / sample_rate)
 
     def cmd_chat(args: argparse.Namespace) -> None:
         from moshi_jax.engine.runner import chat_file
+        from moshi_jax.mimi.config import MimiConfig
 
+        _output_file(args.output)
+        if args.max_seconds is not None and not args.max_seconds > 0:
+            raise CLIError(f"--max-seconds must be > 0, got {args.max_seconds}")
+        wav = _read_audio(args.input, MimiConfig().sample_rate)[0]  # read first: bad input fails fast
         engine, params = load(args, "dialogue")
-        wav = _read_audio(args.input, engine.sample_rate)[0]
+        if engine.sample_rate != MimiConfig().sample_rate:
+            wav = _read_audio(args.input, engine.sample_rate)[0]
         if args.max_seconds is not None:
             wav = wav[: int(args.max_seconds * engine.sample_rate)]
         result = chat_file(engine, params, wav, printer, realtime=args.realtime)
@@ -622,13 +698,21 @@ def _add_engine(sub) -> None:
         if delay < 0:
             raise CLIError(f"--delay-frames must be >= 0 for ASR (text after audio), got {delay}")
         prefix = int(round(float(repo_setting(args, "stt_config", "audio_silence_prefix_seconds") or 0.0) * 12.5))
+        from moshi_jax.mimi.config import MimiConfig
+
+        if args.output:
+            _output_file(args.output)
+        wav = _read_audio(args.input, MimiConfig().sample_rate)[0]  # read first: bad input fails fast
         engine, params = load(args, "asr", delay)
-        wav = _read_audio(args.input, engine.sample_rate)[0]
+        if engine.sample_rate != MimiConfig().sample_rate:
+            wav = _read_audio(args.input, engine.sample_rate)[0]
         result = transcribe_file(engine, params, wav, printer, realtime=args.realtime, prefix_frames=prefix)
         report(result, "asr")
         if args.output:
             lines = [f"{t:8.2f}\t{w}" for w, t in result.words]
-            Path(args.output).write_text("\n".join(lines) + ("\n" if lines else ""))
+            from moshi_jax.io_atomic import atomic_write_text
+
+            atomic_write_text(args.output, "\n".join(lines) + ("\n" if lines else ""))
             log.info("wrote %d timed pieces to %s", len(lines), args.output)
 
     def cmd_tts(args: argparse.Namespace) -> None:
@@ -642,6 +726,9 @@ def _add_engine(sub) -> None:
             raise CLIError(f"--delay-frames must be >= 0 for TTS (audio after text), got {delay}")
         if args.max_frames < 1:
             raise CLIError(f"--max-frames must be >= 1, got {args.max_frames}")
+        _at_least("--max-padding", args.max_padding, 0)
+        _at_least("--padding-between", args.padding_between, 0)
+        _output_file(args.output)
         engine, params = load(args, "tts", -delay)
         try:
             result = synthesize(engine, params, args.text, printer, max_frames=args.max_frames,
@@ -736,6 +823,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="moshi-jax: JAX/Flax Moshi (Mimi codec + multi-stream speech-text LM).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error (errors are otherwise one log line)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_codec(sub)
     _add_train(sub)
@@ -749,13 +838,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose or args.debug)
     try:
         _resolve_hub(args)
         args.func(args)
-    except CLIError as e:
-        log.error("%s", e)
-        return 2
+    except CLIError as e:  # user mistakes (2) and jobs that could not give a correct result (1): one line
+        log.error("%s", e, exc_info=args.debug)
+        return e.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - anything else: one line, the traceback behind --debug
+        if args.debug:
+            raise
+        log.error("%s: %s (run with --debug for the traceback)", type(e).__name__, e)
+        return 1
     return 0
 
 

@@ -34,8 +34,6 @@ import itertools
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -54,6 +52,37 @@ TEXT_PAD_ID, TEXT_EPAD_ID = 3, 0  # the Moshi LM's existing_text_padding_id / ex
 
 class TokenizeError(ValueError):
     """Bad input data (names the file and the problem) or an unusable job configuration."""
+
+
+class NothingProducedError(TokenizeError):
+    """The job would produce an empty dataset (empty manifest, every entry bad): nothing is written."""
+
+
+def check_output_dir(out: str | Path) -> Path:
+    """A dataset output folder: creatable, and when it exists, a previous dataset (replaced as a whole) or
+    empty; any other folder is refused rather than deleted. Raises TokenizeError."""
+    from moshi_jax.io_atomic import OutputPathError, check_output_path
+
+    try:
+        out = check_output_path(out, "dir")
+    except OutputPathError as e:
+        raise TokenizeError(str(e)) from None
+    if out.is_dir():
+        foreign = [p.name for p in out.iterdir() if not (p.name in (INDEX_NAME, INDEX_NAME + ".tmp") or
+                                                         p.name.startswith("shard-"))]
+        if foreign:
+            raise TokenizeError(f"{out} exists and is not a tokenized dataset (it holds {sorted(foreign)[:5]}); "
+                                "refusing to replace it: give a new or empty folder")
+    return out
+
+
+def _report_bad_lines(manifest, bad: list[dict[str, Any]], limit: int = 20) -> None:
+    """Malformed manifest lines on the console (index.json lists them all too)."""
+    for b in bad[:limit]:
+        log.warning("%s:%d: %s", manifest, b["line"], b["reason"])
+    if len(bad) > limit:
+        log.warning("... and %d more malformed manifest lines (all listed in the index's \"skipped\")",
+                    len(bad) - limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,14 +457,21 @@ def tokenize_dataset(manifest: str | Path, out_dir: str | Path, *, mimi_weights:
 
     `tokenizer`: SentencePiece `.model` path or a `moshi_jax.lm.tokenizer.TextTokenizer` (None: every text
     stream is -1, with a warning). `mimi`: an already built (codec, params, description) to reuse.
+    The dataset is written into a temporary sibling folder that replaces `out_dir` only when complete: a
+    failure leaves an earlier dataset there intact. No usable entry at all is a NothingProducedError.
     """
     opts = options or TokenizeOptions()
     t0 = time.perf_counter()
+    out = check_output_dir(out_dir)
     entries, skipped = read_manifest(manifest)
+    _report_bad_lines(manifest, skipped)
     num_manifest_entries = len(entries) + len(skipped)
     if skipped and opts.on_error == "fail":
         s = skipped[0]
         raise TokenizeError(f"{s['path']} (manifest line {s['line']}): {s['reason']}")
+    if not entries:
+        raise NothingProducedError(f"{manifest}: no usable entries (" + (
+            f"all {len(skipped)} lines are malformed" if skipped else "the manifest is empty") + "); nothing written")
     # the tokenizer first: a bad path fails before the (slow) codec is built
     word_tokens, text_desc = None, {"path": None, "vocab_size": None}
     if tokenizer is not None:
@@ -460,14 +496,20 @@ def tokenize_dataset(manifest: str | Path, out_dir: str | Path, *, mimi_weights:
     text_desc.update(pad_id=TEXT_PAD_ID, epad_id=TEXT_EPAD_ID, main_speaker=opts.main_speaker, keep_main_only=True,
                      speakers=list(opts.allowed_speakers))
 
-    out = Path(out_dir)
-    if (out / INDEX_NAME).exists():
-        log.info("replacing the tokenized dataset in %s", out)
-        (out / INDEX_NAME).unlink()  # a half-rewritten directory must not pass as a dataset
-    for old in out.glob("shard-*.array_record"):
-        old.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    from moshi_jax.io_atomic import atomic_dir
 
+    if (out / INDEX_NAME).exists():
+        log.info("replacing the tokenized dataset in %s once the new one is complete", out)
+    with atomic_dir(out) as tmp:
+        index = _tokenize_into(tmp, out, str(Path(manifest)), entries, skipped, opts, codec,
+                               params, mimi_desc, text_desc, word_tokens, num_manifest_entries, t0)
+    return out / index.name
+
+
+def _tokenize_into(out: Path, final: Path, manifest: str, entries, skipped, opts: TokenizeOptions, codec,
+                   params, mimi_desc, text_desc, word_tokens, num_manifest_entries: int, t0: float) -> Path:
+    """The encoding pass of `tokenize_dataset`, writing shards + index into `out` (the temporary folder)."""
+    cfg = codec.cfg
     total_frames = sum(-(-int(round(e.duration * cfg.sample_rate)) // cfg.frame_size) * 2 for e in entries)
     records: list[dict[str, Any]] = []
     stats = collections.Counter()
@@ -526,16 +568,20 @@ def tokenize_dataset(manifest: str | Path, out_dir: str | Path, *, mimi_weights:
     finally:
         bar.close()
         shards = writer.close()
+    if not records:
+        first = f" (first: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+        raise NothingProducedError(f"no file could be tokenized: all {num_manifest_entries} manifest entries are "
+                                   f"bad{first}; nothing written")
     mimi_desc = dict(mimi_desc, num_codebooks=opts.num_codebooks, chunk_frames=opts.chunk_frames)
-    config = {"manifest": str(Path(manifest)), "mimi": mimi_desc, "text": text_desc,
+    config = {"manifest": manifest, "mimi": mimi_desc, "text": text_desc,
               "allow_mono": opts.allow_mono, "resample": opts.resample}
     counts = {"manifest_entries": num_manifest_entries, "hours": sum(r["duration"] for r in records) / 3600,
               "files_without_alignments": stats["files_without_alignments"], "mono_files": stats["mono_files"],
               "seconds_taken": round(time.perf_counter() - t0, 3)}
     index = write_index(out, kind="audio", config=config, shards=shards, records=records, skipped=skipped,
                         counts=counts)
-    log.info("tokenized %d files (%.2f h) into %s; skipped %d%s", len(records), counts["hours"], out, len(skipped),
-             f" (see {index})" if skipped else "")
+    log.info("tokenized %d files (%.2f h) into %s; skipped %d%s", len(records), counts["hours"], final,
+             len(skipped), f" (see {final / index.name})" if skipped else "")
     if stats["files_without_alignments"]:
         log.warning("%d files have no alignment .json: their text stream is -1 (no text loss)",
                     stats["files_without_alignments"])
@@ -570,13 +616,19 @@ def tokenize_text(inputs: Sequence[str | Path], out_dir: str | Path, tokenizer, 
                   records_per_shard: int = 4096) -> Path:
     """Text-only source: each document -> one record [1, L] of text tokens (BOS/EOS around it when the
     tokenizer defines them). Used for text batches mixed into audio training. Returns index.json's path."""
+    from moshi_jax.io_atomic import atomic_dir
+
+    final = check_output_dir(out_dir)
+    for p in map(Path, inputs):
+        if not p.is_file():
+            raise TokenizeError(f"text file not found: {p}")
     tok, text_desc = _load_tokenizer(tokenizer)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / INDEX_NAME).exists():
-        (out / INDEX_NAME).unlink()
-    for old in out.glob("shard-*.array_record"):
-        old.unlink()
+    with atomic_dir(final) as tmp:
+        index = _tokenize_text_into(tmp, inputs, tok, text_desc, add_bos_eos, records_per_shard)
+    return final / index.name
+
+
+def _tokenize_text_into(out: Path, inputs, tok, text_desc, add_bos_eos: bool, records_per_shard: int) -> Path:
     records = []
     with ShardWriter(out, records_per_shard) as w:
         for where, text in read_text_documents(inputs):
@@ -589,7 +641,7 @@ def tokenize_text(inputs: Sequence[str | Path], out_dir: str | Path, tokenizer, 
             records.append({"path": where, "num_frames": len(ids), "channels": 0})
         shards = w.shards
     if not records:
-        raise TokenizeError(f"no text documents in {list(map(str, inputs))}")
+        raise NothingProducedError(f"no text documents in {list(map(str, inputs))}; nothing written")
     config = {"inputs": [str(p) for p in inputs], "text": dict(text_desc, add_bos_eos=add_bos_eos)}
     index = write_index(out, kind="text", config=config, shards=shards, records=records, skipped=[])
     log.info("tokenized %d text documents (%d tokens) into %s", len(records), sum(r["num_frames"] for r in records),
@@ -618,6 +670,7 @@ def train_sentencepiece(sentences: Iterable[str], path: str | Path, vocab_size: 
 
 
 BUILTIN_VERSION = 1  # bump when the built-in dataset's content changes
+BUILTIN_ENTRIES = ("raw", "tokens", "text", "tokenizer.model", "builtin.json", "builtin.json.tmp")
 
 
 def prepare_builtin_dataset(out_dir: str | Path, *, num_dialogues: int = 10, seconds: float = 15.0, seed: int = 0,
@@ -648,26 +701,35 @@ def prepare_builtin_dataset(out_dir: str | Path, *, num_dialogues: int = 10, sec
             return tokens
         except Exception as e:  # noqa: BLE001 - anything wrong with the old build: rebuild it
             log.info("rebuilding the built-in dataset in %s (%s)", out, e)
-    if stamp.exists():
-        stamp.unlink()
-    for d in (out / "raw", tokens, text):
-        if d.exists():
-            shutil.rmtree(d)
+    from moshi_jax.io_atomic import OutputPathError, atomic_dir, check_output_path
+
+    try:
+        check_output_path(out, "dir")
+    except OutputPathError as e:
+        raise TokenizeError(str(e)) from None
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in BUILTIN_ENTRIES) if out.is_dir() else []
+    if foreign:
+        raise TokenizeError(f"{out} exists and is not a built-in dataset (it holds {foreign[:5]}); refusing to "
+                            "replace it: give a new or empty folder")
     log.info("building the built-in dataset in %s: %d synthetic dialogues of %.0f s (eSpeak NG)", out,
              num_dialogues, seconds)
     if mimi_weights is None:
         log.info("no Mimi weights can be downloaded on this machine: the built-in dataset is tokenized with a "
                  "seeded random Mimi (%s config); pass mimi_weights for the released codec", mimi_preset)
-    manifest = speech_synth.build_dialogue_dataset(out / "raw", num_dialogues, seconds, seed)
-    spm_path = train_sentencepiece(speech_synth.SENTENCES, out / "tokenizer.model", vocab_size)
-    opts = TokenizeOptions(num_codebooks=num_codebooks, batch_size=batch_size, chunk_frames=chunk_frames,
-                           on_error="fail", progress=progress)
-    tokenize_dataset(manifest, tokens, mimi_weights=mimi_weights, mimi_preset=mimi_preset, mimi_seed=mimi_seed,
-                     tokenizer=spm_path, options=opts, mimi=mimi)
-    corpus = out / "raw" / "sentences.txt"
-    corpus.write_text("\n".join(speech_synth.SENTENCES) + "\n")
-    tokenize_text([corpus], text, spm_path)
-    tmp = stamp.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(settings))
-    os.replace(tmp, stamp)
+    with atomic_dir(out) as tmp:  # an earlier build stays usable until this one is complete
+        try:
+            manifest = speech_synth.build_dialogue_dataset(tmp / "raw", num_dialogues, seconds, seed)
+        except ValueError as e:  # bad sizes: checked there before any synthesis
+            raise TokenizeError(str(e)) from None
+        spm_path = train_sentencepiece(speech_synth.SENTENCES, tmp / "tokenizer.model", vocab_size)
+        opts = TokenizeOptions(num_codebooks=num_codebooks, batch_size=batch_size, chunk_frames=chunk_frames,
+                               on_error="fail", progress=progress)
+        tokenize_dataset(manifest, tmp / "tokens", mimi_weights=mimi_weights, mimi_preset=mimi_preset,
+                         mimi_seed=mimi_seed, tokenizer=spm_path, options=opts, mimi=mimi)
+        corpus = tmp / "raw" / "sentences.txt"
+        corpus.write_text("\n".join(speech_synth.SENTENCES) + "\n")
+        tokenize_text([corpus], tmp / "text", spm_path)
+        for index in (tmp / "tokens" / INDEX_NAME, tmp / "text" / INDEX_NAME):  # paths as they will be
+            index.write_text(index.read_text().replace(json.dumps(str(tmp))[1:-1], json.dumps(str(out))[1:-1]))
+        (tmp / "builtin.json").write_text(json.dumps(settings))
     return tokens

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from moshi_jax.finite import NonFiniteError, check_finite, count_nonfinite
 from moshi_jax.lm.config import LMConfig
 from moshi_jax.nn.mlp import gated_hidden_dim
 from moshi_jax.nn.norms import NORMS
@@ -305,18 +306,25 @@ def load_reference(src: str | Path | Mapping[str, Any], cfg: LMConfig, dtype: An
     for e in layout:
         by_path.setdefault(e.path, []).append(e)
     flat = {}
+    nonfinite = []
     for path, entries in by_path.items():
         shape = tuple(abstract[path].shape)
         # Convert leaf by leaf (never the whole checkpoint in float32 at once).
         buf = np.empty(shape, dtype) if entries[0].index else None
         for e in entries:
-            val = np.asarray(e.to_jax(src_.get(e.key).astype(np.float32))).astype(dtype)
+            with np.errstate(over="ignore"):  # an overflow to inf is reported below, naming the tensor
+                val = np.asarray(e.to_jax(src_.get(e.key).astype(np.float32))).astype(dtype)
+            if bad := count_nonfinite(val):  # NaN/inf in the file, or values overflowing `dtype`
+                nonfinite.append(f"{e.key} ({bad} of {val.size} values)")
             if buf is None:
                 buf = val
             else:
                 buf[e.index] = val
         flat[path] = jnp.asarray(buf, dtype) if place[path] is None else jax.device_put(buf, place[path])
         del buf
+    if nonfinite:
+        more = f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else ""
+        raise NonFiniteError(f"LM checkpoint holds NaN/inf values in {', '.join(nonfinite[:5])}{more}")
     missing = set(abstract) - set(flat)
     if missing:  # cannot happen when check_layout passes; kept as a guard against a partial tree
         raise ValueError(f"JAX params without a reference key: {sorted('/'.join(p) for p in missing)}")
@@ -343,10 +351,16 @@ def to_reference_state_dict(params: Any, cfg: LMConfig, dtype: Any = None) -> di
 
 
 def save_reference(params: Any, cfg: LMConfig, path: str | Path, dtype: Any = None) -> None:
-    """Write a `.safetensors` file that the reference `LMModel.load_state_dict` (strict) accepts."""
+    """Write a `.safetensors` file that the reference `LMModel.load_state_dict` (strict) accepts (atomically;
+    params with NaN/inf values are refused, naming the tensors)."""
     from safetensors.numpy import save_file
 
-    save_file(to_reference_state_dict(params, cfg, dtype), str(path))
+    from moshi_jax.io_atomic import atomic_path
+
+    sd = to_reference_state_dict(params, cfg, dtype)
+    check_finite(list(sd.items()), "refusing to save LM weights")
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp))
 
 
 # ---------------------------------------------------------------------------------------------------- repos

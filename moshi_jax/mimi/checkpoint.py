@@ -193,7 +193,10 @@ def _problems(missing: list[str], unexpected: list[str], misshaped: list[str]) -
 def load_reference(source: str | Path | Mapping[str, Any], cfg: MimiConfig | None = None) -> Params:
     """Reference Mimi weights (safetensors path or state dict of numpy arrays / torch tensors) -> params.
 
-    Raises ValueError naming every missing, unexpected or wrongly shaped key."""
+    Raises ValueError naming every missing, unexpected or wrongly shaped key, and NonFiniteError (a ValueError)
+    naming every tensor with NaN / inf values."""
+    from moshi_jax.finite import NonFiniteError, count_nonfinite
+
     cfg = cfg or MimiConfig()
     sd = _read_state_dict(source)
     shapes = _param_shapes(cfg)
@@ -201,6 +204,7 @@ def load_reference(source: str | Path | Mapping[str, Any], cfg: MimiConfig | Non
     used: set[str] = set()
     missing: list[str] = []
     misshaped: list[str] = []
+    nonfinite: list[str] = []
 
     def fetch(key: str, aliases: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray | None:
         name = next((k for k in (key, *aliases) if k in sd), None)
@@ -212,6 +216,9 @@ def load_reference(source: str | Path | Mapping[str, Any], cfg: MimiConfig | Non
         if value.shape != tuple(shape):
             misshaped.append(f"{name} {tuple(value.shape)} (expected {tuple(shape)})")
             return None
+        bad = count_nonfinite(value)
+        if bad:
+            nonfinite.append(f"{name} ({bad} of {value.size} values)")
         return value
 
     for e in _entries(cfg):
@@ -233,6 +240,9 @@ def load_reference(source: str | Path | Mapping[str, Any], cfg: MimiConfig | Non
     unexpected = sorted(set(sd) - used)
     if missing or unexpected or misshaped:
         raise ValueError(f"checkpoint does not match this Mimi config: {_problems(missing, unexpected, misshaped)}")
+    if nonfinite:
+        more = f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else ""
+        raise NonFiniteError(f"Mimi weights hold NaN/inf values in {', '.join(nonfinite[:5])}{more}")
     return jax.tree.map(jax.numpy.asarray, traverse_util.unflatten_dict(flat))
 
 
@@ -261,10 +271,14 @@ def save_reference(params: Params, cfg: MimiConfig | None, path: str | Path) -> 
     """Write params as a reference-loadable Mimi safetensors file; returns the path."""
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(to_reference_state_dict(params, cfg), str(path))
-    return path
+    from moshi_jax.finite import check_finite
+    from moshi_jax.io_atomic import atomic_path
+
+    sd = to_reference_state_dict(params, cfg)
+    check_finite(list(sd.items()), "refusing to save Mimi weights")
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp))
+    return Path(path)
 
 
 def reference_config(cfg: MimiConfig | None = None) -> dict[str, Any]:

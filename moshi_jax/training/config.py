@@ -202,6 +202,10 @@ class TrainConfig:
     # scaling) to continue from: needs lora.enabled with the adapter's rank, and init_from = its base weights.
     init_lora_from: str | None = None
     eval_every: int = 0  # 0: no eval
+    # A step whose loss or gradient norm is NaN/inf never updates the params (see training/step.py). "stop": the
+    # run ends with an error naming the step (no checkpoint is written after it); "skip": the update is skipped,
+    # counted (metric `nonfinite`, report `skipped_steps`) and training goes on.
+    nan_policy: str = "stop"
     eval_batches: int = 4
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -219,6 +223,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be one of {DTYPES}, got {getattr(self, key)!r}")
         if self.remat not in REMAT:
             raise ConfigError(f"remat must be one of {REMAT}, got {self.remat!r}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ConfigError(f"nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}")
         if self.data.batch_size % self.optimizer.microbatches:
             raise ConfigError(f"data.batch_size {self.data.batch_size} is not divisible by "
                               f"optimizer.microbatches {self.optimizer.microbatches}")
@@ -234,6 +240,25 @@ class TrainConfig:
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
+NAN_POLICIES = ("stop", "skip")
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """The run's paths, checked before any data is built or model compiled: run_dir and checkpoint.dir must be
+    (or be creatable as) folders, init_from and local data sources must exist. Raises ConfigError."""
+    from moshi_jax.io_atomic import OutputPathError, check_output_path
+
+    for key, path in (("run_dir", cfg.resolved_run_dir), ("checkpoint.dir", cfg.checkpoint_dir)):
+        try:
+            check_output_path(path, "dir")
+        except OutputPathError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    if cfg.init_from and "://" not in cfg.init_from and not Path(cfg.init_from).is_file():
+        raise ConfigError(f"init_from: no such file {cfg.init_from}")
+    for key, sources in (("data.sources", cfg.data.sources), ("data.eval_sources", cfg.data.eval_sources)):
+        for src in sources:
+            if "://" not in src.path and not Path(src.path).exists():
+                raise ConfigError(f"{key}: {src.path} not found")
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from moshi_jax.io_atomic import atomic_write_text
 from moshi_jax.training import config as config_lib
 from moshi_jax.training.checkpointing import Checkpointer, CheckpointMismatchError
 from moshi_jax.training.config import TrainConfig
@@ -36,6 +37,10 @@ from moshi_jax.training.train_state import (
 )
 
 logger = logging.getLogger("moshi_jax.train")
+
+
+class TrainingDivergedError(RuntimeError):
+    """A step's loss or gradient norm was NaN/inf under nan_policy=stop, or the params to export are not finite."""
 
 
 @dataclasses.dataclass
@@ -68,10 +73,11 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
     """Train to `cfg.steps` (or stop after `stop_after` more steps, as a preemption would, saving a checkpoint),
     resuming from the latest checkpoint. Returns the report (also written to `<run_dir>/report.{json,md}`)."""
     t_start = time.perf_counter()
+    config_lib.check_paths(cfg)
     run_dir = cfg.resolved_run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     config_json = config_lib.to_json(cfg)
-    (run_dir / "config.json").write_text(config_json)
+    atomic_write_text(run_dir / "config.json", config_json)
 
     from moshi_jax.training.mesh import batch_divisor
 
@@ -94,7 +100,7 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
     ckpt = Checkpointer(cfg.checkpoint_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
     it = program.train_iter()
-    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+    latest = ckpt.latest_good_step() if cfg.checkpoint.resume else None  # damaged steps: logged, set aside
     frozen: Any = {}
     if latest is not None:
         _check_resumable(cfg, ckpt.saved_config(latest), ckpt.directory / str(latest))
@@ -118,6 +124,7 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
     last_sync, steps_since_sync = time.perf_counter(), 0
     step_times: list[float] = []
     step = start_step
+    skipped = 0  # updates skipped for a non-finite loss / gradient norm (nan_policy=skip)
     try:
         while step < end:
             try:
@@ -128,9 +135,14 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
             step += 1
             steps_since_sync += 1
             pending.append((step, metrics))
+            if cfg.nan_policy == "stop" and ckpt.should_save(step):  # no checkpoint past a diverged step
+                _check_nonfinite(jax.device_get([(s, m["nonfinite"], m["loss"], m["grad_norm"])
+                                                 for s, m in pending]), "stop")
             ckpt.save(step, state, it, config_json)
             if step % cfg.metrics.log_every == 0 or step == end:
                 host = jax.device_get(pending)  # the only host sync of the loop
+                skipped += _check_nonfinite([(s, m["nonfinite"], m["loss"], m["grad_norm"]) for s, m in host],
+                                            cfg.nan_policy)
                 now = time.perf_counter()
                 dt = (now - last_sync) / steps_since_sync
                 if step - steps_since_sync > start_step:  # the first interval includes compilation
@@ -152,11 +164,48 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
 
     exported: list[Path] = []
     if step >= cfg.steps and program.export is not None:
-        exported = program.export(jax.device_get(export_params(spec, state, frozen)), run_dir / "export")
+        exported = _export(program, jax.device_get(export_params(spec, state, frozen)), run_dir / "export")
     report = _report(cfg, mlog.history, step_times, program, peak, mesh, start_step, step, n_params, n_trainable,
                      exported, time.perf_counter() - t_start)
+    report["skipped_steps"] = skipped
     write_report(report, run_dir)
     return report
+
+
+def _check_nonfinite(flags: list, policy: str) -> int:
+    """flags: host (step, nonfinite, loss, grad_norm) tuples. "stop": raise at the first non-finite step;
+    "skip": log each skipped update and return how many there were."""
+    n = 0
+    for s, bad, loss, grad_norm in flags:
+        if not bad:
+            continue
+        values = (("loss", float(loss)), ("gradient norm", float(grad_norm)))
+        finite = [f"{k} {v:.4g}" for k, v in values if np.isfinite(v)]
+        what = " and ".join(f"{k} {v}" for k, v in values if not np.isfinite(v)) + (
+            f" ({', '.join(finite)})" if finite else "")
+        if policy == "stop":
+            raise TrainingDivergedError(
+                f"step {s}: non-finite {what}; training stopped (nan_policy=stop) with the params of step {s - 1} "
+                f"(no checkpoint is written past it). Lower optimizer.lr, check the data, or set nan_policy=skip "
+                f"to skip such updates")
+        logger.warning("step %d: non-finite %s: update skipped (nan_policy=skip)", s, what)
+        n += 1
+    return n
+
+
+def _export(program: Program, params: Any, out_dir: Path) -> list[Path]:
+    """Export into a temporary sibling folder that replaces `out_dir` only when complete; non-finite params are
+    refused (naming the tensors)."""
+    from moshi_jax.finite import NonFiniteError, check_finite
+    from moshi_jax.io_atomic import atomic_dir
+
+    try:
+        check_finite(params, "refusing to export the trained params")
+    except NonFiniteError as e:
+        raise TrainingDivergedError(str(e)) from None
+    with atomic_dir(out_dir) as tmp:
+        files = program.export(params, tmp)
+    return [out_dir / Path(f).relative_to(tmp) for f in files]
 
 
 def _initial_state(cfg, program: Program, spec, tx):
@@ -232,7 +281,7 @@ def _report(cfg, history, step_times, program, peak, mesh, start_step, end_step,
 
 
 def write_report(report: dict, run_dir: Path) -> None:
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
     lines = [f"# Training report: {report['config']}", "",
              f"- steps {report['start_step']} -> {report['end_step']} of {report['total_steps']}, "
              f"{report['devices']} x {report['device_kind']}, mesh {report['mesh']}",
@@ -244,9 +293,11 @@ def write_report(report: dict, run_dir: Path) -> None:
              f"| metric | start (mean of first {report['curve_window_steps']} steps) | end (last "
              f"{report['curve_window_steps']}) |", "|---|---|---|"]
     lines += [f"| {k} | {v['start']:.4f} | {v['end']:.4f} |" for k, v in report["loss_curve"].items()]
+    if report.get("skipped_steps"):
+        lines += ["", f"Skipped updates (non-finite loss or gradient norm, nan_policy=skip): {report['skipped_steps']}"]
     if report["export"]:
         lines += ["", "Exported: " + ", ".join(f"`{p}`" for p in report["export"])]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
 
 
 def _fmt(v, unit: str = "") -> str:

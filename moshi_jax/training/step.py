@@ -8,6 +8,10 @@ Inside: the float32 trainable params (and frozen base, LoRA merged) are cast to 
 loss is differentiated w.r.t. the float32 trainable params (so grads are float32), grads are averaged
 over microbatches with a `lax.scan` (moshi-finetune semantics: the mean of the microbatch losses), the
 global norm is logged before clipping, and optax applies clip + AdamW.
+Non-finite guard: when the loss or the gradient norm is NaN/inf, the step keeps the old params and optimizer
+state (a select inside the jitted step, fused with the update) and reports `nonfinite = 1`; the loop then
+stops naming the step (`nan_policy="stop"`) or counts the skipped update (`"skip"`). The state never
+becomes NaN, so no checkpoint holds a diverged model.
 Microbatch i takes rows i, i+M, i+2M, ... of the global batch, so with the batch sharded over
 (data, fsdp) every device keeps working on its own rows in every microbatch.
 
@@ -90,7 +94,11 @@ def make_train_step(task: TrainTask, partition: ParamPartition, tx: optax.Gradie
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        out = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), (params, opt_state),
+                                         (state.params, state.opt_state))
+        out = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+               "nonfinite": 1.0 - finite.astype(jnp.float32)}
         out.update({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), out
 

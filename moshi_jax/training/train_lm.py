@@ -211,6 +211,7 @@ def prepare_data(cfg: TrainConfig) -> TrainConfig:
 
 def run(cfg: TrainConfig) -> dict:
     """Train `cfg` (data prepared, mesh built from the available devices) -> report dict."""
+    config_lib.check_paths(cfg)  # before the (slow) built-in data and the model
     cfg = prepare_data(cfg)
     lm_cfg = config_lib.build_lm_config(cfg)
     mesh = build_mesh(cfg)
