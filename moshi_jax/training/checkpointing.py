@@ -18,7 +18,8 @@ every file in it), written last and atomically. `latest_good_step()` walks the s
 the first one whose files still match their seal; every step it passes over (no seal: the save never
 finished; a file missing, truncated or with other bytes; an unreadable seal) gets one log line saying why and
 is moved to `<dir>/damaged/<step>` (kept for inspection, out of Orbax's way), so the run resumes from the
-newest good step and later saves of those step numbers are possible again.
+newest good step and later saves of those step numbers are possible again. A directory in which no step has
+a seal (written before seals existed) resumes from its newest Orbax-finalized step, with a warning.
 """
 
 from __future__ import annotations
@@ -168,8 +169,15 @@ class Checkpointer:
         `<dir>/damaged/`. None when no step is left."""
         self.manager.wait_until_finished()
         self._seal_pending(block=True)
+        steps = sorted(self.all_steps(), reverse=True)
+        if steps and not any((self.directory / str(s) / SEAL).is_file() for s in steps):
+            # A directory written before seals existed: nothing to verify against, and setting every step
+            # aside would silently restart a long run from scratch. Orbax lists only finalized steps.
+            log.warning("no checkpoint step in %s carries an %s (written before integrity seals): resuming from "
+                        "step %d unverified", self.directory, SEAL, steps[0])
+            return steps[0]
         moved = False
-        for step in sorted(self.all_steps(), reverse=True):
+        for step in steps:
             reason = self.verify(step)
             if reason is None:
                 if moved:

@@ -98,6 +98,16 @@ def test_step_without_seal_is_not_trusted(sealed_run, tmp_path, caplog):
     assert any("step 3 skipped: no integrity.json" in r.getMessage() for r in caplog.records)
 
 
+def test_directory_from_before_seals_resumes_its_newest_step_with_a_warning(sealed_run, tmp_path, caplog):
+    run = _copy(sealed_run, tmp_path)
+    for step in (1, 2, 3):
+        (run / "checkpoints" / str(step) / SEAL).unlink()
+    with caplog.at_level(logging.WARNING, logger="moshi_jax"), Checkpointer(run / "checkpoints") as ckpt:
+        assert ckpt.latest_good_step() == 3
+    assert any("resuming from step 3 unverified" in r.getMessage() for r in caplog.records)
+    assert not (run / "checkpoints" / "damaged").exists()  # nothing set aside
+
+
 def test_run_resumes_from_the_newest_intact_step_and_finishes(sealed_run, tmp_path, caplog):
     """The damaged step 3 blocks nothing: the run resumes at step 2, redoes step 3 (bit-identical to the
     first time, data order included) and saves it again."""
@@ -125,7 +135,7 @@ def test_run_resumes_from_the_newest_intact_step_and_finishes(sealed_run, tmp_pa
 def test_no_intact_step_starts_from_scratch_and_keeps_the_damaged_ones(sealed_run, tmp_path, caplog):
     run = _copy(sealed_run, tmp_path)
     for step in (1, 2, 3):
-        (run / "checkpoints" / str(step) / SEAL).unlink()
+        _truncate(_largest_array_file(run / "checkpoints" / str(step)))
     with caplog.at_level(logging.WARNING, logger="moshi_jax"), Checkpointer(run / "checkpoints") as ckpt:
         assert ckpt.latest_good_step() is None
         assert ckpt.all_steps() == []
