@@ -216,6 +216,9 @@ def _add_train(sub) -> None:
                 print(config_lib.to_json(cfg))
                 return
             train_lm.setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+            from moshi_jax.training import distributed
+
+            distributed.join(cfg)  # multi-process runs (TPU pod, SLURM, explicit): before any JAX backend use
             train_lm.run(cfg)
         except user_errors as e:
             raise CLIError(str(e)) from e
