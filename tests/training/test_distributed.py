@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -171,7 +170,7 @@ def launch(tmp: Path, name: str, per_process_args: list[list[str]], devices: int
         log = tmp / f"{name}.p{i}.log"
         logs.append(log)
         procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=env, stdout=log.open("w"),
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+                                      stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
     try:
         while any(p.poll() is None for p in procs):
@@ -183,7 +182,7 @@ def launch(tmp: Path, name: str, per_process_args: list[list[str]], devices: int
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+                p.kill()
                 p.wait()
     texts = [log.read_text() for log in logs]
     codes = [p.returncode for p in procs]
@@ -214,12 +213,12 @@ def files_under(d: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same tiny LM run (a tokenized dataset, STEPS steps, batch 8): 1 process x 8 devices straight; 2 processes
-    x 4 devices killed while saving step KILL_AT, then resumed. Process 1 is given its own run_dir (the checkpoint
-    dir is shared): whatever it wrote there would show."""
+    """The same tiny LM run (a tokenized dataset, STEPS steps, batch 8, an eval pass at the end): 1 process x 8
+    devices straight; 2 processes x 4 devices killed while saving step KILL_AT, then resumed. Process 1 is given
+    its own run_dir (the checkpoint dir is shared): whatever it wrote there would show."""
     tmp = tmp_path_factory.mktemp("distributed")
     data = write_dataset(tmp / "data", [24, 17, 40, 9, 31, 16])
-    args = [*RUN_ARGS, f"data.sources={data}:1.0"]
+    args = [*RUN_ARGS, f"data.sources={data}:1.0", f"data.eval_sources={data}:1.0", f"eval_every={STEPS}"]
     single = launch(tmp, "single", [["train", *args, f"run_dir={tmp / 'single'}"]], devices=8)
 
     def two(kill: bool) -> list[list[str]]:
@@ -264,6 +263,9 @@ def test_two_processes_killed_and_resumed_train_like_one_uninterrupted_process(r
     a, b = (json.loads((tmp / run / "report.json").read_text()) for run in ("single", "two"))
     assert (a["start_step"], b["start_step"], b["end_step"]) == (0, KILL_AT - 1, STEPS)
     assert b["final"]["loss"] == pytest.approx(a["final"]["loss"], rel=LOSS_RTOL)
+    # eval: every process has the same number of batches (19 windows: 3 global batches of 8, the last padded)
+    assert a["eval"]["step"] == b["eval"]["step"] == STEPS
+    assert b["eval"]["loss"] == pytest.approx(a["eval"]["loss"], rel=LOSS_RTOL)
 
 
 def test_only_process_zero_writes_reports_events_config_and_export(runs):
