@@ -156,12 +156,14 @@ def _free_port() -> int:
 def launch(tmp: Path, name: str, per_process_args: list[list[str]], devices: int, timeout: float = 420,
            expect_killed: bool = False) -> list[str]:
     """Start one worker per entry of `per_process_args` (a multi-process run when several), each with `devices` CPU
-    devices; wait for all (bounded), kill all on the first failure; return their logs."""
+    devices; wait for all (bounded), kill all on the first failure; return their logs. The workers share a JAX
+    compilation cache in `tmp` (the resumed run reuses the killed run's executables)."""
     port, n = _free_port(), len(per_process_args)
     procs, logs = [], []
     for i, args in enumerate(per_process_args):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                   JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"))
         for k in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
             env.pop(k, None)
         if n > 1:
