@@ -245,9 +245,10 @@ def test_each_process_logs_its_index_count_and_devices(runs):
 
 # 2 x 4 devices cannot be bitwise equal to 1 x 8: the gradient all-reduce across processes (gloo) adds the
 # devices' partial sums in another order than the in-process reduction, a 1-ulp difference per reduction
-# (measured here: losses within 1 ulp, params within 3e-7 after 4 AdamW steps at lr 1e-2). A resume defect
-# (data position, optimizer moments, step / schedule) moves losses by >= 1e-3 and params by ~lr: far outside.
-LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-5
+# (measured here: losses within 1 ulp, params within 3e-6 after 4 AdamW steps at lr <= 1e-2, the largest in
+# embedding rows of rare tokens, whose tiny gradients Adam divides by their own RMS). A resume defect (data
+# position, optimizer moments, step / schedule) moves losses by >= 1e-3 and params by ~lr: far outside.
+LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-4
 
 
 def test_two_processes_killed_and_resumed_train_like_one_uninterrupted_process(runs):
