@@ -318,6 +318,9 @@ def _add_train(sub) -> None:
                 print(config_lib.to_json(cfg))
                 return
             train_lm.setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+            from moshi_jax.training import distributed
+
+            distributed.join(cfg)  # multi-process runs (TPU pod, SLURM, explicit): before any JAX backend use
             train_lm.run(cfg)
         except user_errors as e:
             raise CLIError(str(e)) from e
@@ -336,6 +339,8 @@ def _add_train(sub) -> None:
                "  moshi-jax train tiny steps=500 optimizer.lr=1e-3 run_dir=runs/t2\n"
                "  moshi-jax train --config configs/7b.py init_from=model.safetensors data.sources=/data/a:1.0\n"
                "  moshi-jax train 100m --print-config               # the resolved config as JSON\n"
+               "several hosts (TPU pod slice, SLURM, MOSHI_JAX_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID): run the same "
+               "command on every host (README: Several hosts)\n"
                "keys: any field of moshi_jax.training.config.TrainConfig as section.field=value "
                "(model.<field> overrides the LM config)")
     p.add_argument("config", nargs="?", default=None,

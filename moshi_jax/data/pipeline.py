@@ -2,7 +2,7 @@
 
     ds = make_dataset(cfg.data, lm_cfg, train=True)      # grain IterDataset, infinite when train
     it = iter(ds)                                        # checkpointable: it.get_state() / it.set_state()
-    batch = next(it)                                     # {"codes": int32 [B, 1 + n_q, T], "source": int32 [B]}
+    batch = next(it)                     # {"codes": int32 [B, 1 + n_q, T], "source": int32 [B], "window": int32 [B]}
 
 `codes` is UNdelayed (the LM applies its acoustic delays in its forward), -1 = no token (padding, missing
 stream, missing alignment): the LM embeds it as zero and the loss ignores it. B is this host's share of
@@ -10,12 +10,18 @@ stream, missing alignment): the LM embeds it as zero and the loss ignores it. B 
 
 Sampling (train): every record of every source is cut into ceil(L / T) windows (L its frames), so a file is
 seen in proportion to its length, as moshi-finetune's fixed-duration chunks. The windows of each source are
-sharded per host (`jax.process_index()` / `jax.process_count()`), shuffled with a seeded per-epoch
-permutation and repeated forever; the sources are interleaved deterministically in proportion to their
-weights (`grain.MapDataset.mix`). Each drawn window is a random crop of T frames of its record, with one
-offset for all streams (seeded by the element's position, so it is reproducible and resumable); records
-shorter than T are padded with -1. Eval (`train=False`): `data.eval_sources`, in order, every record cut
-into consecutive T-frame windows (the reference's chunking), one pass, the last batch padded with -1 rows.
+shuffled with a seeded per-epoch permutation and repeated forever; the sources are interleaved
+deterministically in proportion to their weights (`grain.MapDataset.mix`). Each drawn window is a random crop
+of T frames of its record, with one offset for all streams (seeded by the element's position, so it is
+reproducible and resumable); records shorter than T are padded with -1. Eval (`train=False`):
+`data.eval_sources`, in order, every record cut into consecutive T-frame windows (the reference's chunking),
+one pass, the last global batch padded with -1 rows (`source` and `window` -1).
+
+Several processes (`jax.process_index()` / `jax.process_count()`): the stream above is cut into global batches
+of `data.batch_size` and process p loads rows [p*B, (p+1)*B) of each (`distributed.process_batches`): the
+processes' windows are disjoint and together cover every epoch, every process has the same number of eval
+batches, and the global batches (so the training run) are the same whatever the process count. `window` is a
+row's index in its source's window table (train) or in the eval sources' table (eval).
 
 Stream layout: records store text + K codebooks per audio channel (see records.py). The LM wants
 `1 + n_q` streams: Moshi (n_q = 2 * dep_q) takes dep_q codebooks of channel 0 (its voice) then dep_q of
@@ -157,17 +163,21 @@ def _open_source(path: str, lm_cfg, layout: _Layout) -> _SourceInfo:
 
 
 class _Windows:
-    """Index -> (source, record, window) for the windows of one or several sources (picklable)."""
+    """Index -> (source, record, window in record, index) for the windows of one or several sources
+    (picklable); indices past the table, up to `size`, are padding: (-1, -1, -1, -1)."""
 
-    def __init__(self, table: np.ndarray):
+    def __init__(self, table: np.ndarray, size: int | None = None):
         self.table = table  # int64 [N, 3]
+        self.size = len(table) if size is None else size
 
     def __len__(self) -> int:
-        return len(self.table)
+        return self.size
 
-    def __getitem__(self, i: int) -> tuple[int, int, int]:
+    def __getitem__(self, i: int) -> tuple[int, int, int, int]:
+        if i >= len(self.table):
+            return -1, -1, -1, -1
         s, r, k = self.table[i]
-        return int(s), int(r), int(k)
+        return int(s), int(r), int(k), int(i)
 
 
 def _window_table(src_id: int, lengths: np.ndarray, T: int) -> np.ndarray:
@@ -179,8 +189,9 @@ def _window_table(src_id: int, lengths: np.ndarray, T: int) -> np.ndarray:
 
 
 class _MakeExample:
-    """(source, record, window) -> {"codes": int32 [1 + n_q, T], "source": int32}; random crop when an rng is
-    given (train), else the window's own T frames (eval). Record readers open lazily (per worker process)."""
+    """(source, record, window, index) -> {"codes": int32 [1 + n_q, T], "source": int32, "window": int32}; random
+    crop when an rng is given (train), else the window's own T frames (eval; source -1: a padding row of -1).
+    Record readers open lazily (per worker process)."""
 
     def __init__(self, sources: Sequence[_SourceInfo], layout: _Layout, T: int):
         self.kinds = [s.kind for s in sources]
@@ -204,8 +215,12 @@ class _MakeExample:
         codes, _ = decode_record(self._reader(s)[r])
         return to_model_grid(codes, self.kinds[s], int(self.channels[s][r]), self.layout)
 
-    def __call__(self, element: tuple[int, int, int], rng: np.random.Generator | None = None) -> dict[str, Any]:
-        s, r, k = element
+    def __call__(self, element: tuple[int, int, int, int], rng: np.random.Generator | None = None
+                 ) -> dict[str, Any]:
+        s, r, k, i = element
+        if s < 0:
+            return {"codes": np.full((self.layout.num_streams, self.T), PAD_VALUE, np.int32), "source": np.int32(-1),
+                    "window": np.int32(-1)}
         grid = self.grid(s, r)
         L, T = grid.shape[1], self.T
         if rng is None:
@@ -215,24 +230,7 @@ class _MakeExample:
         window = grid[:, offset:offset + T]
         if window.shape[1] < T:
             window = np.pad(window, ((0, 0), (0, T - window.shape[1])), constant_values=PAD_VALUE)
-        return {"codes": np.ascontiguousarray(window, np.int32), "source": np.int32(s)}
-
-
-class _PadBatch:
-    """Pads a (last, short) eval batch to B rows of -1 so every batch has the same static shape."""
-
-    def __init__(self, B: int):
-        self.B = B
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = batch["codes"].shape[0]
-        if n == self.B:
-            return batch
-        codes = np.full((self.B,) + batch["codes"].shape[1:], PAD_VALUE, np.int32)
-        codes[:n] = batch["codes"]
-        source = np.full((self.B,), -1, np.int32)
-        source[:n] = batch["source"]
-        return {"codes": codes, "source": source}
+        return {"codes": np.ascontiguousarray(window, np.int32), "source": np.int32(s), "window": np.int32(i)}
 
 
 def _seed(*parts: int) -> int:
@@ -243,17 +241,20 @@ def make_dataset(data_cfg, lm_cfg, train: bool, *, process_index: int | None = N
                  process_count: int | None = None) -> grain.IterDataset:
     """The pipeline of `data_cfg` (moshi_jax.training.config.DataConfig) for `lm_cfg` (LMConfig).
 
-    Yields {"codes": int32 [B, 1 + n_q, T], "source": int32 [B] (index of the source, -1 for eval padding)},
-    B = data_cfg.batch_size / process_count. Train: infinite, shuffled, mixed by weight, random crops.
-    Eval: data_cfg.eval_sources, one ordered pass. Raises DataConfigError for unusable sources.
+    Yields {"codes": int32 [B, 1 + n_q, T], "source": int32 [B] (index of the source, -1 for eval padding),
+    "window": int32 [B] (see the module doc)}, B = data_cfg.batch_size / process_count: this process's rows of
+    each global batch. Train: infinite, shuffled, mixed by weight, random crops. Eval: data_cfg.eval_sources,
+    one ordered pass. Raises DataConfigError for unusable sources.
     """
     import jax
+
+    from moshi_jax.training import distributed
 
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     if data_cfg.batch_size % pc:
         raise DataConfigError(f"data.batch_size {data_cfg.batch_size} is not divisible by the {pc} processes")
-    B, T = data_cfg.batch_size // pc, data_cfg.seq_frames
+    T = data_cfg.seq_frames
     channels, codebooks = stream_layout(lm_cfg)
     layout = _Layout(channels, codebooks, int(getattr(data_cfg, "text_delay_frames", 0)))
     sources = data_cfg.sources if train else data_cfg.eval_sources
@@ -261,29 +262,25 @@ def make_dataset(data_cfg, lm_cfg, train: bool, *, process_index: int | None = N
         raise DataConfigError(f"data.{'sources' if train else 'eval_sources'} is empty")
     infos = [_open_source(s.path, lm_cfg, layout) for s in sources]
     make = _MakeExample(infos, layout, T)
-    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(2 * B, 8))
+    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)  # elements are this process's batches
 
     if not train:
         table = np.concatenate([_window_table(i, info.lengths, T) for i, info in enumerate(infos)])
-        ds = grain.MapDataset.source(_Windows(table))[pi::pc]
-        if len(ds) == 0:
-            raise DataConfigError(f"eval sources have {len(table)} windows: none for process {pi} of {pc}")
-        ds = ds.map(make).to_iter_dataset(read).batch(B, drop_remainder=False).map(_PadBatch(B))
+        padded = -(-len(table) // data_cfg.batch_size) * data_cfg.batch_size  # whole global batches
+        ds = grain.MapDataset.source(_Windows(table, padded)).map(make)
+        ds = distributed.process_batches(ds, data_cfg.batch_size, pi, pc).to_iter_dataset(read)
         return _maybe_workers(ds, data_cfg)
 
     per_source = []
     for i, info in enumerate(infos):
-        windows = grain.MapDataset.source(_Windows(_window_table(i, info.lengths, T)))[pi::pc]
-        if len(windows) == 0:
-            raise DataConfigError(f"data source {info.path} has {len(info.lengths)} records: no window for "
-                                  f"process {pi} of {pc}")
+        windows = grain.MapDataset.source(_Windows(_window_table(i, info.lengths, T)))
         # shuffle then repeat: grain reshuffles every epoch (epoch-dependent seed).
         per_source.append(windows.shuffle(seed=_seed(data_cfg.seed, i)).repeat(None))
     weights = [s.weight for s in sources]
     ds = per_source[0] if len(per_source) == 1 else grain.MapDataset.mix(per_source, [w / sum(weights)
                                                                                     for w in weights])
-    ds = ds.random_map(make, seed=_seed(data_cfg.seed, 1 << 20))
-    ds = ds.to_iter_dataset(read).batch(B, drop_remainder=True)
+    ds = ds.random_map(make, seed=_seed(data_cfg.seed, 1 << 20))  # crop seeded by the global position
+    ds = distributed.process_batches(ds, data_cfg.batch_size, pi, pc).to_iter_dataset(read)
     return _maybe_workers(ds, data_cfg)
 
 

@@ -188,6 +188,27 @@ class MetricsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runs (jax.distributed), see moshi_jax.training.distributed. Unset keys fall back to the
+    MOSHI_JAX_COORDINATOR / MOSHI_JAX_NUM_PROCESSES / MOSHI_JAX_PROCESS_ID variables, then SLURM, then JAX's own
+    detection (TPU pod slices)."""
+
+    mode: str = "auto"  # auto: join when settings / SLURM / a Cloud TPU VM say so | on: always | off: never
+    coordinator: str = ""  # host:port of process 0's coordinator service
+    num_processes: int = 0  # 0: from the environment
+    process_id: int = -1  # -1: from the environment
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+
+    def __post_init__(self):
+        if self.mode not in DISTRIBUTED_MODES:
+            raise ConfigError(f"distributed.mode must be one of {DISTRIBUTED_MODES}, got {self.mode!r}")
+        _positive(self, "initialization_timeout")
+
+
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     name: str = "run"
     run_dir: str = ""  # "" -> runs/<name>
@@ -215,6 +236,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     lora: LoraConfig = LoraConfig()
     metrics: MetricsConfig = MetricsConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     def __post_init__(self):
         _positive(self, "steps")

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from moshi_jax.io_atomic import atomic_write_text
 from moshi_jax.training import config as config_lib
+from moshi_jax.training import distributed
 from moshi_jax.training.checkpointing import Checkpointer, CheckpointMismatchError
 from moshi_jax.training.config import TrainConfig
 from moshi_jax.training.metrics import MetricsLogger, guess_peak_flops
@@ -77,7 +78,9 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
     run_dir = cfg.resolved_run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     config_json = config_lib.to_json(cfg)
-    atomic_write_text(run_dir / "config.json", config_json)
+    primary = distributed.is_primary()  # several processes: process 0 writes the run's files, all checkpoint
+    if primary:
+        atomic_write_text(run_dir / "config.json", config_json)
 
     from moshi_jax.training.mesh import batch_divisor
 
@@ -104,6 +107,7 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
     frozen: Any = {}
     if latest is not None:
         _check_resumable(cfg, ckpt.saved_config(latest), ckpt.directory / str(latest))
+        distributed.check_data_state(ckpt.directory / str(latest))
         if spec.partition.is_lora:  # the frozen base is not checkpointed: rebuild it from the init source
             _, frozen = _initial_state(cfg, program, spec, tx)
         state = ckpt.restore(latest, spec.abstract_state, it)
@@ -118,7 +122,7 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
     logger.info("model params %.3gM, trainable %.3gM, mesh %s, devices %d", n_params / 1e6, n_trainable / 1e6,
                 dict(mesh.shape), mesh.size)
     mlog = MetricsLogger(run_dir, cfg.steps, cfg.metrics.log_every, cfg.metrics.tensorboard,
-                         cfg.metrics.progress_bar, initial_step=start_step)
+                         cfg.metrics.progress_bar, initial_step=start_step, primary=primary)
     end = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
     pending: list[tuple[int, dict]] = []
     last_sync, steps_since_sync = time.perf_counter(), 0
@@ -164,11 +168,13 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
 
     exported: list[Path] = []
     if step >= cfg.steps and program.export is not None:
-        exported = _export(program, jax.device_get(export_params(spec, state, frozen)), run_dir / "export")
+        params = distributed.to_host(export_params(spec, state, frozen))  # every process takes part
+        exported = _export(program, params, run_dir / "export") if primary else []
     report = _report(cfg, mlog.history, step_times, program, peak, mesh, start_step, step, n_params, n_trainable,
                      exported, time.perf_counter() - t_start)
     report["skipped_steps"] = skipped
-    write_report(report, run_dir)
+    if primary:
+        write_report(report, run_dir)
     return report
 
 
@@ -307,8 +313,10 @@ def _fmt(v, unit: str = "") -> str:
 
 
 def build_mesh(cfg: TrainConfig) -> Mesh:
+    """The (data, fsdp, tensor) mesh of every device of the run (all processes: joins them first)."""
     from moshi_jax.training import mesh as mesh_lib
 
+    distributed.join(cfg)
     return mesh_lib.make_mesh(cfg.mesh.shape(jax.device_count()))
 
 
@@ -323,7 +331,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     log = logging.getLogger("moshi_jax")
     if not any(getattr(h, "_moshi_jax", False) for h in log.handlers):
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(process_tag)s%(message)s", datefmt="%H:%M:%S"))
+        handler.addFilter(distributed.ProcessTag())  # '[p1/2] ' in multi-process runs
         handler._moshi_jax = True
         log.addHandler(handler)
         log.propagate = False

@@ -95,18 +95,20 @@ class Throughput:
 
 
 class MetricsLogger:
-    """Scalars to TensorBoard (`<run_dir>/tensorboard`), a tqdm bar and a log line every `log_every` steps."""
+    """Scalars to TensorBoard (`<run_dir>/tensorboard`), a tqdm bar and a log line every `log_every` steps.
+    `primary=False` (processes other than 0 of a multi-process run): only the history, nothing written."""
 
     def __init__(self, run_dir: str | Path, total_steps: int, log_every: int = 10, tensorboard: bool = True,
-                 progress_bar: bool = True, initial_step: int = 0):
+                 progress_bar: bool = True, initial_step: int = 0, primary: bool = True):
         self.log_every = max(1, log_every)
+        self.primary = primary
         self.writer = None
-        if tensorboard:
+        if tensorboard and primary:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         self.bar = None
-        if progress_bar:
+        if progress_bar and primary:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
@@ -126,7 +128,7 @@ class MetricsLogger:
         if prefix == "train" and self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", refresh=False)
-        if prefix != "train" or step % self.log_every == 0:
+        if self.primary and (prefix != "train" or step % self.log_every == 0):
             logger.info(format_line(prefix, step, record))
 
     def close(self) -> None:

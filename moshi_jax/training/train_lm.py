@@ -176,9 +176,12 @@ def lm_flops_per_step(lm_cfg, init, B: int, T: int) -> float:
 
 
 def synthetic_codes(lm_cfg, batch: int, frames: int, seed: int):
-    """A checkpointable Grain iterator of random token grids {'codes': int32 [B, 1+n_q, T]} (smoke runs and
-    tests without a dataset): text ids in [0, text_card), audio ids in [0, card)."""
+    """A checkpointable Grain iterator of random token grids {'codes': int32 [B / processes, 1+n_q, T]} (smoke
+    runs and tests without a dataset): text ids in [0, text_card), audio ids in [0, card). `batch` is the global
+    batch; each process gets its rows of it (the same global batches whatever the process count)."""
     import grain
+
+    from moshi_jax.training import distributed
 
     n = lm_num_streams(lm_cfg)
 
@@ -189,7 +192,7 @@ def synthetic_codes(lm_cfg, batch: int, frames: int, seed: int):
         return {"codes": np.concatenate([text, audio]).astype(np.int32)}
 
     ds = grain.MapDataset.range(1 << 30).shuffle(seed=seed).map(make)
-    return iter(ds.to_iter_dataset().batch(batch, drop_remainder=True))
+    return iter(distributed.process_batches(ds, batch).to_iter_dataset())
 
 
 def prepare_data(cfg: TrainConfig) -> TrainConfig:
@@ -198,12 +201,17 @@ def prepare_data(cfg: TrainConfig) -> TrainConfig:
     if cfg.data.sources or cfg.data.builtin == "random":
         return cfg
     from moshi_jax.data import tokenize
+    from moshi_jax.training import distributed
 
     out = cfg.resolved_run_dir / "data"
     logger.info("no data.sources given: preparing the built-in dataset (synthetic two-voice speech -> Mimi "
                 "codes + text) in %s", out)
     t0 = time.perf_counter()
+    if not distributed.is_primary():  # process 0 builds (and writes the index); the others then reuse it
+        distributed.barrier("moshi_jax_builtin_data")
     path = tokenize.prepare_builtin_dataset(out)
+    if distributed.is_primary():
+        distributed.barrier("moshi_jax_builtin_data")
     logger.info("built-in dataset ready in %.0fs: %s", time.perf_counter() - t0, path)
     data = dataclasses.replace(cfg.data, sources=(config_lib.DataSource(str(path)),))
     return dataclasses.replace(cfg, data=data)
@@ -211,13 +219,18 @@ def prepare_data(cfg: TrainConfig) -> TrainConfig:
 
 def run(cfg: TrainConfig) -> dict:
     """Train `cfg` (data prepared, mesh built from the available devices) -> report dict."""
+    from moshi_jax.training import distributed
+
     config_lib.check_paths(cfg)  # before the (slow) built-in data and the model
+    distributed.join(cfg)  # a multi-process run: before anything touches a JAX backend
     cfg = prepare_data(cfg)
     lm_cfg = config_lib.build_lm_config(cfg)
     mesh = build_mesh(cfg)
     logger.info("config %s: model %s, %d steps, batch %d x %d frames, run dir %s", cfg.name, cfg.model.preset,
                 cfg.steps, cfg.data.batch_size, cfg.data.seq_frames, cfg.resolved_run_dir)
     report = train_loop(cfg, lm_program(cfg, lm_cfg), mesh, axis_rules(cfg))
+    if not distributed.is_primary():  # process 0 wrote the report and logs the summary
+        return report
     for key, curve in report["loss_curve"].items():
         logger.info("%-14s %.4f -> %.4f", key, curve["start"], curve["end"])
     logger.info("(means over the first / last %d steps)", report["curve_window_steps"])
