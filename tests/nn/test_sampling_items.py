@@ -13,6 +13,7 @@ from moshi_jax.nn.sampling import (
     ItemSampling,
     SamplingConfig,
     apply_repetition_penalty,
+    kth_largest,
     sample_token_items,
     seed_key,
     split_item_keys,
@@ -127,3 +128,14 @@ def test_per_item_keys_split_independently():
     want = jax.random.split(jnp.asarray(seed_key(2)))
     np.testing.assert_array_equal(now[1], want[0])
     np.testing.assert_array_equal(nxt[1], want[1])
+
+
+@pytest.mark.parametrize("ks", [(1, 25, 256, 300), (3, 256, 40, 40), (1000, 1, 2, 999), (1000, 25, 1000, 7)])
+def test_kth_largest_equals_the_full_sort_whether_or_not_every_k_fits_the_fast_top_k(ks):
+    rng = np.random.default_rng(1)
+    logp = rng.standard_normal((4, 1000)).astype(np.float32)
+    logp[0, :10] = logp[0, 10]  # ties: the k-th value is still one number
+    logp[1, 5] = -np.inf
+    k = np.array(ks, np.int32)
+    want = np.sort(logp, axis=-1)[np.arange(4), 1000 - k][:, None]
+    np.testing.assert_array_equal(np.asarray(jax.jit(kth_largest)(jnp.asarray(logp), jnp.asarray(k))), want)
