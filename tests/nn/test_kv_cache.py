@@ -74,3 +74,23 @@ def test_writes_go_to_position_modulo_capacity_in_the_stacked_layer():
     np.testing.assert_array_equal(out.positions[1][2, 10:], [22, 23])
     assert float(out.keys[1, 2, :, :, 11].min()) == 1.0 and float(out.values[1, 2, :, 10].min()) == 2.0
     assert float(jnp.abs(out.keys[1, 1, :, :, 2:]).max()) == 0.0
+
+
+@pytest.mark.parametrize("steps", [[3, 0, 9], [30, 0, 4], [0, 0, 0]])
+@pytest.mark.parametrize("max_chunk,context", [(4, 7), (12, None), (5, 3)])
+def test_chunked_attention_gives_an_item_with_nothing_written_what_the_layer_path_gives_zeros(steps, max_chunk,
+                                                                                           context):
+    # An item just reset (or never fed) has no valid key: its output is 0, never NaN, in both layouts, and
+    # the other items are unaffected.
+    cache = _filled_ring(steps)
+    stacked = jax.tree.map(lambda a: jnp.stack([a, jnp.zeros_like(a)]), cache)  # layer 0 holds the ring
+    q = jnp.asarray(np.random.default_rng(2).standard_normal((B, 1, H, D)), jnp.float32)
+    q_pos = jnp.asarray([[max(s - 1, 0)] for s in steps], jnp.int32)
+    chunked = np.asarray(kvc.attend(q, stacked, q_pos, True, context, layer=jnp.int32(0), max_chunk=max_chunk))
+    per_layer = np.asarray(kvc.attend(q, cache, q_pos, True, context, min_prefix=2))
+    assert np.isfinite(chunked).all()
+    empty = np.asarray([s == 0 for s in steps])
+    np.testing.assert_array_equal(chunked[empty], 0.0)
+    np.testing.assert_allclose(chunked, per_layer, rtol=1e-5, atol=1e-6)
+    want = np.asarray(_plain(q, cache, q_pos, True, context))
+    np.testing.assert_allclose(chunked[~empty], want[~empty], rtol=1e-5, atol=1e-6)
