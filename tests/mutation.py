@@ -314,8 +314,8 @@ def _copy_tree(dst: Path) -> None:
 
 
 def run_module(module: Path, extra: list[str], deadline: float, per_mutant_factor: float, list_only: bool,
-               log, fork: bool = True, own_only: bool = False) -> dict:
-    mutants = mutants_of(module)
+               log, fork: bool = True, own_only: bool = False, lines: set[int] | None = None) -> dict:
+    mutants = [m for m in mutants_of(module) if not lines or m.line in lines]
     tiers = tests_for(module, extra)
     if own_only:
         tiers = tiers[:1] + ([extra] if extra else [])
@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true", help="also print every killed mutant")
     p.add_argument("--own-only", action="store_true",
                    help="only the module's own test file (and --tests), not every test file importing it")
+    p.add_argument("--lines", help="only the mutants on these lines, e.g. 28,50 (to re-check survivors)")
     p.add_argument("--spawn", action="store_true", help="start every run as a new python (no fork)")
     p.add_argument("--report", help="write the results as JSON to this file")
     args = p.parse_args(argv)
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"no such module: {m}")
     deadline = time.monotonic() + 60 * args.budget_min
     results = [run_module(m, args.tests, deadline, args.timeout_factor, args.list, log, not args.spawn,
-                          args.own_only) for m in modules]
+                          args.own_only, {int(x) for x in args.lines.split(",")} if args.lines else None) for m in modules]
     if not args.list:
         log("\n== summary")
         for r in results:

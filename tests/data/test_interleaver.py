@@ -219,6 +219,20 @@ def test_one_frame_of_slack_by_default_and_configurable():
         validate_alignments([["cat", [0.9, 1.07], M]], duration=1.0, tolerance=0.0)
 
 
+def test_words_exactly_at_the_edges_of_the_audio_are_valid_and_one_frame_past_them_is_not():
+    # tolerance 0: [0, duration] is inside; the default slack is one frame (0.08 s at 12.5 Hz), no more.
+    validate_alignments([["a", [0.0, 0.2], M], ["cat", [0.9, 1.0], M]], duration=1.0, tolerance=0.0)
+    validate_alignments([["a", [-0.08, 0.2], M], ["cat", [0.9, 1.08], M]], duration=1.0)
+    for times in ([0.9, 1.09], [-0.09, 0.2]):
+        with pytest.raises(AlignmentError, match="outside the audio"):
+            validate_alignments([["cat", times, M]], duration=1.0)
+    # the slack is one frame at the given frame rate
+    with pytest.raises(AlignmentError, match="outside the audio"):
+        validate_alignments([["cat", [0.9, 1.05], M]], duration=1.0, frame_rate=25.0)
+    assert validate_alignments([["x", [0, 1], M]], duration=1) == [("x", (0.0, 1.0), M)]
+    assert all(type(t) is float for t in validate_alignments([["x", [0, 1], M]], duration=1)[0][1])
+
+
 def test_unknown_speaker_label_is_an_error():
     with pytest.raises(AlignmentError, match=r"'cat' at \[0\.100, 0\.200\] s\): unknown speaker label 'BOB'"):
         validate_alignments([["cat", [0.1, 0.2], "BOB"]], duration=1.0)
@@ -250,6 +264,11 @@ def test_window_keeps_words_starting_inside_with_relative_times():
                                               ("dog", (pytest.approx(1.9), pytest.approx(2.5)), M)]
     with pytest.raises(AlignmentError, match="sorted"):
         window_alignments(list(reversed(al)), 0.0, 1.0)
+    # equal start times are sorted; a window starting or ending exactly at a start includes / excludes it
+    ties = [("a", (1.0, 1.2), M), ("cat", (1.0, 1.5), M), ("dog", (2.0, 2.5), M)]
+    assert [w for w, _, _ in window_alignments(ties, 1.0, 1.0)] == ["a", "cat"]
+    assert [w for w, _, _ in window_alignments(ties, 0.5, 1.5)] == ["a", "cat"]
+    assert window_alignments(ties, 3.0, 1.0) == [] and window_alignments([], 0.0, 1.0) == []
 
 
 # --- recorded outputs of moshi-finetune's own code (runs without a checkout) ------------------------------------
