@@ -406,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.error(f"no such module: {m}")
     deadline = time.monotonic() + 60 * args.budget_min
+    lines = {int(x) for x in args.lines.split(",")} if args.lines else None
     results = [run_module(m, args.tests, deadline, args.timeout_factor, args.list, log, not args.spawn,
-                          args.own_only, {int(x) for x in args.lines.split(",")} if args.lines else None) for m in modules]
+                          args.own_only, lines) for m in modules]
     if not args.list:
         log("\n== summary")
         for r in results:

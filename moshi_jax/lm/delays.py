@@ -26,7 +26,7 @@ def _check(delays: Sequence[int], K: int, initial: Array | None = None) -> None:
     would be clamped by jax, i.e. silently give the wrong token."""
     if len(delays) != K:
         raise ValueError(f"{len(delays)} delays for {K} streams")
-    if initial is not None and tuple(initial.shape) != (K,):
+    if initial is not None and initial.shape != (K,):
         raise ValueError(f"initial tokens have shape {tuple(initial.shape)}; want one per stream, ({K},)")
 
 

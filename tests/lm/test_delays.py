@@ -87,9 +87,10 @@ def test_initial_tokens_are_the_text_token_then_one_audio_token_per_codebook():
 
 def test_model_input_keeps_the_codes_dtype_whatever_the_initial_tokens_dtype():
     codes = jnp.asarray(_codes(B=1, T=4), jnp.int32)
-    seq = dl.model_input(codes, DELAYS, jnp.arange(len(DELAYS), dtype=jnp.int16))
-    assert seq.dtype == jnp.int32 and seq.shape == (1, len(DELAYS), 5)
-    assert np.asarray(seq[0, :, 0]).tolist() == list(range(len(DELAYS)))
+    for dtype in (jnp.int16, jnp.float32):
+        seq = dl.model_input(codes, DELAYS, jnp.arange(len(DELAYS), dtype=dtype))
+        assert seq.dtype == jnp.int32 and seq.shape == (1, len(DELAYS), 5)
+        assert np.asarray(seq[0, :, 0]).tolist() == list(range(len(DELAYS)))
 
 
 def test_undelay_fills_the_tail_with_zero_by_default_or_the_given_value_and_keeps_the_dtype():

@@ -94,3 +94,43 @@ def test_chunked_attention_gives_an_item_with_nothing_written_what_the_layer_pat
     np.testing.assert_allclose(chunked, per_layer, rtol=1e-5, atol=1e-6)
     want = np.asarray(_plain(q, cache, q_pos, True, context))
     np.testing.assert_allclose(chunked[~empty], want[~empty], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal,context", [(False, None), (True, 4), (True, None)])
+def test_a_chunk_of_queries_written_together_attends_like_plain_attention_in_both_layouts(causal, context):
+    # A multi-token step (T=3, e.g. a prompt chunk) writes all its keys first, then each query sees the keys its
+    # mask allows (non-causal: every written slot). Items at different lengths, one wrapping the ring.
+    r = np.random.default_rng(4)
+    T = 3
+    cache = _filled_ring([4, 14, 0])
+    starts = np.asarray([4, 14, 0])
+    pos = jnp.asarray(starts[:, None] + np.arange(T)[None], jnp.int32)
+    k, v = (jnp.asarray(r.standard_normal((B, T, H, D)), jnp.float32) for _ in range(2))
+    cache = kvc.write(cache, k, v, pos)
+    q = jnp.asarray(r.standard_normal((B, T, H, D)), jnp.float32)
+    want = np.asarray(_plain(q, cache, pos, causal, context))
+    per_layer = kvc.attend(q, cache, pos, causal, context, min_prefix=2)
+    stacked = jax.tree.map(lambda a: jnp.stack([jnp.zeros_like(a), a, jnp.zeros_like(a)]), cache)
+    for max_chunk in (4, 12):
+        chunked = kvc.attend(q, stacked, pos, causal, context, layer=jnp.int32(1), max_chunk=max_chunk)
+        np.testing.assert_allclose(chunked, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(per_layer, want, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_keeps_the_query_dtype_and_a_fresh_cache_is_empty():
+    cache = kvc.init_kv_cache(2, 8, 1, 4, jnp.bfloat16)
+    assert cache.keys.shape == (2, 1, 4, 8) and cache.values.shape == (2, 1, 8, 4)
+    assert cache.keys.dtype == jnp.bfloat16 and cache.positions.dtype == jnp.int32
+    assert (np.asarray(cache.positions) == -1).all()
+    q = jnp.ones((2, 1, 1, 4), jnp.bfloat16)
+    cache = kvc.write(cache, q, 3 * q, jnp.zeros((2, 1), jnp.int32))
+    out = kvc.attend(q, cache, jnp.zeros((2, 1), jnp.int32), True, None)
+    assert out.dtype == jnp.bfloat16 and out.shape == (2, 1, 1, 4)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), 3.0)  # one key: its value, exactly
+
+
+def test_chunk_and_prefix_sizes_cover_the_ring():
+    assert kvc._chunk_size(12, 5) == 4 and kvc._chunk_size(12, 12) == 12 and kvc._chunk_size(7, 4) == 1
+    assert kvc._chunk_size(3000) == 500 and kvc._chunk_size(8, 512) == 8
+    assert kvc.prefix_sizes(64) == (64,) and kvc.prefix_sizes(65) == (64, 65)
+    assert kvc.prefix_sizes(3000) == (64, 128, 256, 512, 1024, 2048, 3000)

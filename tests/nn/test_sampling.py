@@ -192,3 +192,15 @@ def test_sampling_config_is_frozen_and_hashable_as_a_static_jit_argument():
         c.temp = 0.5
     assert hash(c) == hash(SamplingConfig(temp=1)) and c == SamplingConfig(temp=1.0)
     assert SamplingConfig.greedy() == SamplingConfig(use_sampling=False)
+
+
+def test_bfloat16_logits_are_tempered_in_float32():
+    # 256 and 258 are exact in bfloat16, but 256/0.7 and 258/0.7 are not (bf16 spacing is 2 there): tempering
+    # in bf16 would turn a probability ratio of exp(2.86) into exp(2), p[0] from 0.054 into 0.12.
+    logits = jnp.asarray([256.0, 258.0], jnp.bfloat16)
+    p = np.asarray(top_k_probs(logits, 0.7, 0))
+    assert p.dtype == np.float32
+    np.testing.assert_allclose(p[0], 1 / (1 + np.exp(2 / 0.7)), rtol=1e-4)
+    freq0 = (_draws(np.asarray(logits), 0.7, 0) == 0).mean()
+    assert abs(freq0 - p[0]) < 0.015, (freq0, p[0])
+    assert int(sample_token(None, jnp.asarray([1.0, 1.5, 1.25], jnp.bfloat16), 0.7, 0, False)) == 1
