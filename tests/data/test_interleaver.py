@@ -269,6 +269,8 @@ def test_window_keeps_words_starting_inside_with_relative_times():
     assert [w for w, _, _ in window_alignments(ties, 1.0, 1.0)] == ["a", "cat"]
     assert [w for w, _, _ in window_alignments(ties, 0.5, 1.5)] == ["a", "cat"]
     assert window_alignments(ties, 3.0, 1.0) == [] and window_alignments([], 0.0, 1.0) == []
+    with pytest.raises(AlignmentError, match="sorted"):  # one neighbour pair out of order is enough
+        window_alignments([("a", (0.1, 0.2), M), ("b", (0.3, 0.4), M), ("c", (0.2, 0.5), M)], 0.0, 1.0)
 
 
 # --- recorded outputs of moshi-finetune's own code (runs without a checkout) ------------------------------------
