@@ -106,8 +106,9 @@ def test_bos_eos_mark_speaker_changes_as_the_reference_code_does():
     assert got == [0, 50, 51, 1, 20, 3, 0, 2, 40, 3, 0, 10, 11, 3]
     # keep_main_only wins over use_bos_eos (the reference's elif): only a, without BOS.
     assert stream(al, 6, use_bos_eos=True, bos_id=1, eos_id=2) == [3, 3, 0, 20, 3, 3]
-    with pytest.raises(ValueError, match="bos_id and eos_id"):
-        stream(al, 6, keep_main_only=False, use_bos_eos=True)
+    for ids in ({}, {"bos_id": 1}, {"eos_id": 2}):
+        with pytest.raises(ValueError, match="bos_id and eos_id"):
+            stream(al, 6, keep_main_only=False, use_bos_eos=True, **ids)
 
 
 def test_positive_audio_delay_moves_text_earlier_and_drops_words_ending_before_it():

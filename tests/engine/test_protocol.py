@@ -148,3 +148,11 @@ def test_handshake_echoes_of_the_web_client_are_accepted_with_their_payload():
 
 def test_rust_handshake_carries_the_protocol_version_and_model_version_zero_by_default():
     assert P.encode_handshake(1) == b"\x00\x01\x00\x00\x00\x00\x00\x00\x00"
+
+
+def test_parsed_client_messages_are_immutable():
+    import dataclasses
+
+    msg = P.parse_client_message(b"\x03\x01")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        msg.control = P.Control.START
