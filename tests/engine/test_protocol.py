@@ -156,3 +156,26 @@ def test_parsed_client_messages_are_immutable():
     msg = P.parse_client_message(b"\x03\x01")
     with pytest.raises(dataclasses.FrozenInstanceError):
         msg.control = P.Control.START
+
+
+def test_opus_decoder_frames_are_the_decoded_stream_cut_in_order_whatever_the_frame_size():
+    import sphn
+
+    enc = P.OpusEncoder()
+    pages = [enc.encode(_tone(n, 300.0)) for n in (FRAME, FRAME * 2, FRAME, FRAME * 3)]
+    ref = sphn.OpusStreamReader(P.SAMPLE_RATE)
+    want = np.concatenate([np.asarray(ref.append_bytes(p), np.float32).reshape(-1) for p in pages])
+    for frame in (700, FRAME, 5000):
+        dec = P.OpusDecoder(frame)
+        assert dec.frames_ready == 0 and dec.pop_frame() is None
+        got = []
+        for p in pages:  # pop only now and then: several decoded pieces wait in the buffer
+            dec.feed(p)
+            if len(got) % 2 == 0:
+                got += [dec.pop_frame()]
+        while dec.frames_ready:
+            got.append(dec.pop_frame())
+        got = [g for g in got if g is not None]
+        assert all(g.shape == (frame,) for g in got) and len(got) == want.size // frame
+        np.testing.assert_array_equal(np.concatenate(got), want[: len(got) * frame])
+        assert dec.pop_frame() is None
