@@ -165,17 +165,18 @@ def test_opus_decoder_frames_are_the_decoded_stream_cut_in_order_whatever_the_fr
     pages = [enc.encode(_tone(n, 300.0)) for n in (FRAME, FRAME * 2, FRAME, FRAME * 3)]
     ref = sphn.OpusStreamReader(P.SAMPLE_RATE)
     want = np.concatenate([np.asarray(ref.append_bytes(p), np.float32).reshape(-1) for p in pages])
-    for frame in (700, FRAME, 5000):
+    for frame in (700, FRAME, 5000, want.size, want.size + 1):
         dec = P.OpusDecoder(frame)
         assert dec.frames_ready == 0 and dec.pop_frame() is None
         got = []
-        for p in pages:  # pop only now and then: several decoded pieces wait in the buffer
+        for i, p in enumerate(pages):  # pop only now and then: several decoded pieces wait in the buffer
             dec.feed(p)
-            if len(got) % 2 == 0:
-                got += [dec.pop_frame()]
-        while dec.frames_ready:
-            got.append(dec.pop_frame())
-        got = [g for g in got if g is not None]
-        assert all(g.shape == (frame,) for g in got) and len(got) == want.size // frame
-        np.testing.assert_array_equal(np.concatenate(got), want[: len(got) * frame])
-        assert dec.pop_frame() is None
+            if i == 1 and dec.frames_ready:
+                got.append(dec.pop_frame())
+        ready = dec.frames_ready
+        assert type(ready) is int and ready + len(got) == want.size // frame
+        got += [dec.pop_frame() for _ in range(ready)]
+        assert dec.frames_ready == 0 and dec.pop_frame() is None
+        if got:
+            assert all(g.shape == (frame,) and g.dtype == np.float32 for g in got)
+            np.testing.assert_array_equal(np.concatenate(got), want[: len(got) * frame])
