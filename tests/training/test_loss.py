@@ -257,3 +257,15 @@ def test_a_tie_for_the_top_logit_counts_as_a_hit():
     codes[0, :, 1] = 3  # a target below the top: a miss
     _, m = lm_loss(out, codes, cfg)
     assert float(m["text_accuracy"]) == 0.5 and float(m["audio_accuracy"]) == 0.5
+
+
+def test_bfloat16_logits_give_the_float32_loss():
+    # Mixed-precision training hands the loss bf16 logits; the softmax is taken in float32 (as the reference's
+    # `.float()`), so the loss is that of the bf16 values computed exactly, not a bf16-rounded one.
+    rng = np.random.default_rng(10)
+    logits = jnp.asarray(8 * rng.normal(size=(4, 6, 300)), jnp.bfloat16)
+    targets = jnp.asarray(rng.integers(0, 300, (4, 6)), jnp.int32)
+    got = cross_entropy(logits, targets, jnp.ones((4, 6), bool))
+    assert got.dtype == jnp.float32
+    want = _np_ce(np.asarray(logits.astype(jnp.float32)), np.asarray(targets))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
