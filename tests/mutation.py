@@ -314,8 +314,13 @@ def _copy_tree(dst: Path) -> None:
 
 
 def run_module(module: Path, extra: list[str], deadline: float, per_mutant_factor: float, list_only: bool,
-               log, fork: bool = True, own_only: bool = False, lines: set[int] | None = None) -> dict:
+               log, fork: bool = True, own_only: bool = False, lines: set[int] | None = None,
+               shuffle: int | None = None) -> dict:
     mutants = [m for m in mutants_of(module) if not lines or m.line in lines]
+    if shuffle is not None:  # a run cut short by the time budget is then a random sample of the mutants
+        import random
+
+        random.Random(shuffle).shuffle(mutants)
     tiers = tests_for(module, extra)
     if own_only:
         tiers = tiers[:1] + ([extra] if extra else [])
@@ -362,7 +367,7 @@ def run_module(module: Path, extra: list[str], deadline: float, per_mutant_facto
                     log(f"   SURVIVED {m.label()}")
                 else:
                     killed += 1
-                    log(f"   [{i + 1}/{len(mutants)}] {verdict}: line {m.line}", verbose=True)
+                    log(f"   [{i + 1}/{len(mutants)}] {verdict}: {m.label()}", verbose=True)
         finally:
             target.write_text(original)
     run = killed + len(survived)
@@ -387,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--own-only", action="store_true",
                    help="only the module's own test file (and --tests), not every test file importing it")
     p.add_argument("--lines", help="only the mutants on these lines, e.g. 28,50 (to re-check survivors)")
+    p.add_argument("--shuffle", type=int, metavar="SEED",
+                   help="run the mutants in a random order, so that a run cut by --budget-min is a random sample")
     p.add_argument("--spawn", action="store_true", help="start every run as a new python (no fork)")
     p.add_argument("--report", help="write the results as JSON to this file")
     args = p.parse_args(argv)
@@ -408,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + 60 * args.budget_min
     lines = {int(x) for x in args.lines.split(",")} if args.lines else None
     results = [run_module(m, args.tests, deadline, args.timeout_factor, args.list, log, not args.spawn,
-                          args.own_only, lines) for m in modules]
+                          args.own_only, lines, args.shuffle) for m in modules]
     if not args.list:
         log("\n== summary")
         for r in results:

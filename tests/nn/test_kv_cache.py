@@ -127,6 +127,21 @@ def test_attention_keeps_the_query_dtype_and_a_fresh_cache_is_empty():
     out = kvc.attend(q, cache, jnp.zeros((2, 1), jnp.int32), True, None)
     assert out.dtype == jnp.bfloat16 and out.shape == (2, 1, 1, 4)
     np.testing.assert_array_equal(np.asarray(out, np.float32), 3.0)  # one key: its value, exactly
+    stacked = jax.tree.map(lambda a: a[None], cache)
+    out = kvc.attend(q, stacked, jnp.zeros((2, 1), jnp.int32), True, None, layer=jnp.int32(0), max_chunk=4)
+    assert out.dtype == jnp.bfloat16 and out.shape == (2, 1, 1, 4)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), 3.0)
+
+
+@pytest.mark.parametrize("steps", [[12, 7, 1], [30, 6, 0]])
+def test_chunked_attention_reads_the_second_of_two_chunks(steps):
+    # capacity 12 in two chunks of 6: keys in slots 6.. must be seen (the single-chunk shortcut is for one chunk)
+    cache = _filled_ring(steps)
+    stacked = jax.tree.map(lambda a: a[None], cache)
+    q = jnp.asarray(np.random.default_rng(5).standard_normal((B, 1, H, D)), jnp.float32)
+    q_pos = jnp.asarray([[max(s - 1, 0)] for s in steps], jnp.int32)
+    got = kvc.attend(q, stacked, q_pos, True, None, layer=jnp.int32(0), max_chunk=6)
+    np.testing.assert_allclose(got, kvc.attend(q, cache, q_pos, True, None, min_prefix=2), rtol=1e-5, atol=1e-6)
 
 
 def test_chunk_and_prefix_sizes_cover_the_ring():

@@ -204,3 +204,11 @@ def test_bfloat16_logits_are_tempered_in_float32():
     freq0 = (_draws(np.asarray(logits), 0.7, 0) == 0).mean()
     assert abs(freq0 - p[0]) < 0.015, (freq0, p[0])
     assert int(sample_token(None, jnp.asarray([1.0, 1.5, 1.25], jnp.bfloat16), 0.7, 0, False)) == 1
+
+
+def test_top_k_of_one_is_greedy_even_when_sampling(rng):
+    logits = jnp.asarray(rng.standard_normal((64, 30)), jnp.float32)
+    keys = jax.random.split(jax.random.PRNGKey(7), 5)
+    for key in keys:
+        np.testing.assert_array_equal(sample_token(key, logits, 1.5, 1), np.asarray(logits).argmax(-1))
+    np.testing.assert_array_equal(np.asarray(top_k_probs(logits, 1.5, 1)), np.eye(30)[np.asarray(logits).argmax(-1)])
