@@ -149,3 +149,18 @@ def test_chunk_and_prefix_sizes_cover_the_ring():
     assert kvc._chunk_size(3000) == 500 and kvc._chunk_size(8, 512) == 8
     assert kvc.prefix_sizes(64) == (64,) and kvc.prefix_sizes(65) == (64, 65)
     assert kvc.prefix_sizes(3000) == (64, 128, 256, 512, 1024, 2048, 3000)
+
+
+def test_large_attention_scores_do_not_overflow_in_either_layout():
+    # Scores of several hundred (big activations, e.g. bf16-trained weights): the softmax is stabilised by the
+    # row maximum, so the result is the plain attention, finite.
+    cache = _filled_ring([9, 12, 3])
+    q = 60.0 * jnp.asarray(np.random.default_rng(6).standard_normal((B, 1, H, D)), jnp.float32)
+    q_pos = jnp.asarray([[8], [11], [2]], jnp.int32)
+    want = np.asarray(_plain(q, cache, q_pos, True, None))
+    per_layer = np.asarray(kvc.attend(q, cache, q_pos, True, None, min_prefix=4))
+    chunked = np.asarray(kvc.attend(q, jax.tree.map(lambda a: a[None], cache), q_pos, True, None,
+                                    layer=jnp.int32(0), max_chunk=4))
+    assert np.isfinite(want).all()
+    np.testing.assert_allclose(per_layer, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(chunked, want, rtol=1e-4, atol=1e-5)
