@@ -269,3 +269,24 @@ def test_bfloat16_logits_give_the_float32_loss():
     assert got.dtype == jnp.float32
     want = _np_ce(np.asarray(logits.astype(jnp.float32)), np.asarray(targets))
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_stream_whose_weights_sum_below_one_still_gets_its_weighted_mean():
+    # One valid text target, a PAD at weight 0.5: the text loss is that target's CE (weights sum to 0.5 < 1).
+    out, codes = _case(11)
+    codes[:, 0] = -1
+    codes[1, 0, 4] = PAD
+    out.text_mask[1, 0, 4] = True
+    _, m = lm_loss(out, codes, CFG, 0.5, 1.0)
+    mask = out.text_mask & (codes[:, :1] >= 0)
+    assert mask.sum() == 1
+    want = _np_ce(out.text_logits, codes[:, :1])[mask].sum()
+    np.testing.assert_allclose(float(m["text_loss"]), want, rtol=1e-5)
+    assert float(m["text_loss"]) > 0
+
+
+def test_text_padding_weight_defaults_to_moshi_finetunes_half():
+    out, codes = _case(12)
+    np.testing.assert_allclose(float(lm_loss(out, codes, CFG)[1]["text_loss"]),
+                               float(lm_loss(out, codes, CFG, 0.5)[1]["text_loss"]), rtol=1e-6)
+    assert float(lm_loss(out, codes, CFG)[1]["text_loss"]) != float(lm_loss(out, codes, CFG, 1.0)[1]["text_loss"])
