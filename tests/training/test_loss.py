@@ -285,8 +285,13 @@ def test_a_stream_whose_weights_sum_below_one_still_gets_its_weighted_mean():
     assert float(m["text_loss"]) > 0
 
 
-def test_text_padding_weight_defaults_to_moshi_finetunes_half():
+def test_loss_weights_default_to_half_for_padding_and_one_for_the_first_codebook():
     out, codes = _case(12)
     np.testing.assert_allclose(float(lm_loss(out, codes, CFG)[1]["text_loss"]),
                                float(lm_loss(out, codes, CFG, 0.5)[1]["text_loss"]), rtol=1e-6)
     assert float(lm_loss(out, codes, CFG)[1]["text_loss"]) != float(lm_loss(out, codes, CFG, 1.0)[1]["text_loss"])
+    # and the first codebook is not weighted up unless asked (multiplier 1.0)
+    np.testing.assert_allclose(float(lm_loss(out, codes, CFG)[1]["audio_loss"]),
+                               float(lm_loss(out, codes, CFG, 0.5, 1.0)[1]["audio_loss"]), rtol=1e-6)
+    doubled = lm_loss(out, codes, CFG, 0.5, 2.0)[1]["audio_loss"]
+    assert float(lm_loss(out, codes, CFG)[1]["audio_loss"]) != float(doubled)
