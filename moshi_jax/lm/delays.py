@@ -21,12 +21,20 @@ def initial_tokens(text_initial: int, audio_initial: int, n_q: int) -> Array:
     return jnp.asarray([text_initial] + [audio_initial] * n_q, jnp.int32)
 
 
+def _check(delays: Sequence[int], K: int, initial: Array | None = None) -> None:
+    """One delay (and one initial token) per stream, never fewer or more: an index past the end of `initial`
+    would be clamped by jax, i.e. silently give the wrong token."""
+    if len(delays) != K:
+        raise ValueError(f"{len(delays)} delays for {K} streams")
+    if initial is not None and initial.shape != (K,):
+        raise ValueError(f"initial tokens have shape {tuple(initial.shape)}; want one per stream, ({K},)")
+
+
 def delay(codes: Array, delays: Sequence[int], initial: Array) -> Array:
     """codes `[B, K, T]`, one delay per stream, initial `[K]` -> delayed `[B, K, T]`:
     out[:, k, t] = codes[:, k, t - d_k] for t >= d_k, else initial[k]."""
     B, K, T = codes.shape
-    if len(delays) != K:
-        raise ValueError(f"{len(delays)} delays for {K} streams")
+    _check(delays, K, initial)
     rows = []
     for k, d in enumerate(delays):
         fill = jnp.full((B, min(d, T)), initial[k], codes.dtype)
@@ -39,6 +47,7 @@ def model_input(codes: Array, delays: Sequence[int], initial: Array) -> Array:
     temporal transformer reads `[..., :-1]` (position t sees times <= t - 1 - d_k); the depth transformer is
     teacher-forced with `[..., 1:]` (the tokens being predicted at each position)."""
     B, K, _ = codes.shape
+    _check(delays, K, initial)
     first = jnp.broadcast_to(initial.astype(codes.dtype)[None, :, None], (B, K, 1))
     return jnp.concatenate([first, delay(codes, delays, initial)], axis=2)
 
@@ -47,8 +56,7 @@ def undelay(x: Array, delays: Sequence[int], fill_value: float = 0.0) -> tuple[A
     """x `[B, K, T, ...]` in the delayed domain -> (x aligned with the codes, mask `[B, K, T]` bool): stream k
     is moved back by d_k; its last d_k positions get `fill_value` and mask False."""
     B, K, T = x.shape[:3]
-    if len(delays) != K:
-        raise ValueError(f"{len(delays)} delays for {K} streams")
+    _check(delays, K)
     if K == 0:
         return x, jnp.ones((B, 0, T), bool)
     rows, masks = [], []

@@ -47,11 +47,12 @@ class SamplingConfig:
     top_k_text: int = 25
 
     def __post_init__(self):
+        # ints are fine (a repository's lm_gen_config may say `"temp": 1`); bools are not numbers here.
         for name in ("temp", "temp_text"):
-            if not isinstance(getattr(self, name), int | float):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int | float):
                 raise TypeError(f"SamplingConfig.{name} must be a number, got {getattr(self, name)!r}")
         for name in ("top_k", "top_k_text"):
-            if not isinstance(getattr(self, name), int):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise TypeError(f"SamplingConfig.{name} must be an int, got {getattr(self, name)!r}")
 
     @classmethod

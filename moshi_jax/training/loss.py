@@ -76,9 +76,11 @@ def lm_loss(outputs: Any, codes: Array, lm_cfg: Any, text_padding_weight: float 
             "audio_mask": (B, dep_q, T)}
     for name, shape in want.items():
         got = tuple(getattr(outputs, name).shape)
-        if got[:3] != shape:
+        # masks exactly [B, K, T], logits [B, K, T, card]: a shape that merely broadcasts is a caller's bug
+        if got[:3] != shape or len(got) != (4 if name.endswith("logits") else 3):
             raise ValueError(f"lm_loss: outputs.{name} has shape {got}; with codes {codes.shape} and dep_q={dep_q} "
-                             f"it should start with {shape} (logits, masks and codes do not line up)")
+                             f"it should be {shape} (+ the vocabulary for logits): logits, masks and codes do not "
+                             "line up")
     text_t = codes[:, :1]
     text_mask = outputs.text_mask & (text_t >= 0)
     text_ce, text_hits = _ce_and_hits(outputs.text_logits, text_t, text_mask)

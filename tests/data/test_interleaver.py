@@ -6,6 +6,7 @@ unless a boundary is what a test is about.
 """
 
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -105,8 +106,9 @@ def test_bos_eos_mark_speaker_changes_as_the_reference_code_does():
     assert got == [0, 50, 51, 1, 20, 3, 0, 2, 40, 3, 0, 10, 11, 3]
     # keep_main_only wins over use_bos_eos (the reference's elif): only a, without BOS.
     assert stream(al, 6, use_bos_eos=True, bos_id=1, eos_id=2) == [3, 3, 0, 20, 3, 3]
-    with pytest.raises(ValueError, match="bos_id and eos_id"):
-        stream(al, 6, keep_main_only=False, use_bos_eos=True)
+    for ids in ({}, {"bos_id": 1}, {"eos_id": 2}):
+        with pytest.raises(ValueError, match="bos_id and eos_id"):
+            stream(al, 6, keep_main_only=False, use_bos_eos=True, **ids)
 
 
 def test_positive_audio_delay_moves_text_earlier_and_drops_words_ending_before_it():
@@ -146,6 +148,54 @@ def test_num_frames_for_is_the_reference_ceiling():
     assert num_frames_for(1.0) == 13 and num_frames_for(0.08) == 1 and num_frames_for(0.081) == 2
 
 
+def test_words_with_equal_start_times_keep_their_input_order():
+    # Real transcripts often give two words the same start. The sort is stable: the later word in the input
+    # replaces the earlier one (it loads in the same frame), or follows it with keep_and_shift.
+    al = [("hello", (0.2, 0.5), M), ("cat", (0.2, 0.3), M)]
+    assert stream(al, 6) == [3, 0, 40, 3, 3, 3]
+    assert stream(al[::-1], 6) == [3, 0, 10, 11, 3, 3]
+    assert stream(al, 6, keep_and_shift=True) == [3, 0, 10, 11, 40, 3]
+    # with another speaker at the same time, the input order decides the markers too
+    al = [("cat", (0.2, 0.6), M), ("dog", (0.2, 0.5), OTHER)]
+    kw = dict(keep_main_only=False, use_bos_eos=True, bos_id=1, eos_id=2)
+    assert stream(al, 6, keep_and_shift=True, **kw) == [3, 0, 1, 40, 2, 50]
+    assert stream(al[::-1], 6, keep_and_shift=True, **kw) == [3, 0, 50, 51, 1, 40]
+
+
+def test_three_speakers_bos_eos_mark_only_turns_into_and_out_of_the_main_speaker():
+    # S1 opens (no marker), S2 after S1 (no marker: neither is main), main after S2 (BOS), S2 after main (EOS),
+    # S1 after S2 (nothing). Frames: t=1, 3, 6, 8, 11.
+    s2 = "SPEAKER_2"
+    al = [("cat", (0.1, 0.2), OTHER), ("a", (0.3, 0.4), s2), ("cat", (0.5, 0.6), M), ("a", (0.7, 0.8), s2),
+          ("cat", (0.9, 1.0), OTHER)]
+    got = stream(al, 13, keep_main_only=False, use_bos_eos=True, bos_id=1, eos_id=2)
+    assert got == [0, 40, 0, 20, 3, 0, 1, 40, 2, 20, 0, 40, 3]
+    # keep_main_only drops the other two, and there are no markers
+    assert stream(al, 13, use_bos_eos=True, bos_id=1, eos_id=2) == [3, 3, 3, 3, 3, 0, 40, 3, 3, 3, 3, 3, 3]
+
+
+def test_word_times_on_frame_boundaries_and_at_the_end_of_the_audio():
+    # A start exactly on frame k's boundary (k * 0.08 s) loads in frame k; an end exactly on frame k's boundary
+    # puts in-word pad up to frame k itself (int(k) = k).
+    assert stream([("cat", (0.08, 0.24), M)], 5, in_word_pad_id=7) == [0, 40, 7, 7, 3]
+    # A word ending at or past the audio's end fills the stream to its last frame, never beyond.
+    assert stream([("cat", (0.5, 0.8), M)], num_frames_for(0.8), in_word_pad_id=7) == [3] * 5 + [0, 40, 7, 7, 7]
+    assert stream([("cat", (0.5, 5.0), M)], 10, in_word_pad_id=7) == [3] * 5 + [0, 40, 7, 7, 7]
+    # A word starting in the last frame is emitted there; one starting exactly at the end is not.
+    assert stream([("big", (0.75, 0.8), M)], 10) == [3] * 8 + [0, 30]
+    assert stream([("cat", (0.8, 0.9), M)], 10) == [3] * 10
+
+
+def test_audio_delay_drops_words_ending_at_the_delay_and_keeps_those_ending_after_it():
+    al = [("cat", (0.1, 0.32), M), ("a", (0.4, 0.6), M)]
+    # delay 0.32: cat ends exactly at the delay -> dropped; a -> (0.08, 0.28) -> frame 1.
+    assert stream(al, 5, audio_delay=0.32) == [0, 20, 3, 3, 3]
+    # delay 0.31: cat -> (-0.21, 0.01) is kept and loads at frame 0, a -> (0.09, 0.29) replaces it in frame 1.
+    assert stream(al, 5, audio_delay=0.31) == [40, 20, 3, 3, 3]
+    # A negative delay blanks int(12.5 * 0.32) = 4 frames (the float product is 4.0, not 3.99..).
+    assert stream([("cat", (0.0, 0.1), M)], 7, audio_delay=-0.32) == [-1, -1, -1, -1, 40, 3, 3]
+
+
 # --- validation ----------------------------------------------------------------------------------------------------
 def test_valid_alignments_come_back_as_float_tuples():
     got = validate_alignments([["hi", [0, 0.5], M], ("there", (0.5, 0.5), M)], duration=1.0)
@@ -168,6 +218,20 @@ def test_one_frame_of_slack_by_default_and_configurable():
     validate_alignments([["cat", [0.9, 1.07], M], ["a", [-0.05, 0.0], M]], duration=1.0)
     with pytest.raises(AlignmentError, match="outside the audio"):
         validate_alignments([["cat", [0.9, 1.07], M]], duration=1.0, tolerance=0.0)
+
+
+def test_words_exactly_at_the_edges_of_the_audio_are_valid_and_one_frame_past_them_is_not():
+    # tolerance 0: [0, duration] is inside; the default slack is one frame (0.08 s at 12.5 Hz), no more.
+    validate_alignments([["a", [0.0, 0.2], M], ["cat", [0.9, 1.0], M]], duration=1.0, tolerance=0.0)
+    validate_alignments([["a", [-0.08, 0.2], M], ["cat", [0.9, 1.08], M]], duration=1.0)
+    for times in ([0.9, 1.09], [-0.09, 0.2]):
+        with pytest.raises(AlignmentError, match="outside the audio"):
+            validate_alignments([["cat", times, M]], duration=1.0)
+    # the slack is one frame at the given frame rate
+    with pytest.raises(AlignmentError, match="outside the audio"):
+        validate_alignments([["cat", [0.9, 1.05], M]], duration=1.0, frame_rate=25.0)
+    assert validate_alignments([["x", [0, 1], M]], duration=1) == [("x", (0.0, 1.0), M)]
+    assert all(type(t) is float for t in validate_alignments([["x", [0, 1], M]], duration=1)[0][1])
 
 
 def test_unknown_speaker_label_is_an_error():
@@ -201,6 +265,52 @@ def test_window_keeps_words_starting_inside_with_relative_times():
                                               ("dog", (pytest.approx(1.9), pytest.approx(2.5)), M)]
     with pytest.raises(AlignmentError, match="sorted"):
         window_alignments(list(reversed(al)), 0.0, 1.0)
+    # equal start times are sorted; a window starting or ending exactly at a start includes / excludes it
+    ties = [("a", (1.0, 1.2), M), ("cat", (1.0, 1.5), M), ("dog", (2.0, 2.5), M)]
+    assert [w for w, _, _ in window_alignments(ties, 1.0, 1.0)] == ["a", "cat"]
+    assert [w for w, _, _ in window_alignments(ties, 0.5, 1.5)] == ["a", "cat"]
+    assert window_alignments(ties, 3.0, 1.0) == [] and window_alignments([], 0.0, 1.0) == []
+    with pytest.raises(AlignmentError, match="sorted"):  # one neighbour pair out of order is enough
+        window_alignments([("a", (0.1, 0.2), M), ("b", (0.3, 0.4), M), ("c", (0.2, 0.5), M)], 0.0, 1.0)
+
+
+# --- recorded outputs of moshi-finetune's own code (runs without a checkout) ------------------------------------
+FIXTURE = Path(__file__).parent / "fixtures" / "interleaver_moshi_finetune.json"
+
+
+def _fixture() -> dict:
+    return json.loads(FIXTURE.read_text())
+
+
+def test_recorded_moshi_finetune_streams_are_reproduced():
+    # 279 cases run through moshi-finetune's Interleaver.prepare_item by tests/data/make_interleaver_fixtures.py:
+    # speakers (1-3, BOS/EOS), audio delays, overlaps, equal start times, frame-boundary and end-of-audio times.
+    data = _fixture()
+    vocab = data["vocab"]
+    assert len(data["cases"]) > 250
+    for case in data["cases"]:
+        al = case["alignments"]
+        al = None if al is None else [(w, (s, e), spk) for w, (s, e), spk in al]
+        st = case["settings"]
+        n = num_frames_for(case["duration"], data["frame_rate"])
+        got = text_stream(
+            al, n, lambda w: vocab[w], frame_rate=data["frame_rate"], pad_id=data["pad_id"],
+            epad_id=data["epad_id"], zero_id=data["zero_id"], in_word_pad_id=st["in_word_padding"],
+            main_speaker=data["main_speaker"], keep_main_only=st["keep_main_only"], use_bos_eos=st["use_bos_eos"],
+            keep_and_shift=st["keep_and_shift"], audio_delay=st["audio_delay"], bos_id=data["bos_id"],
+            eos_id=data["eos_id"],
+        ).tolist()
+        # A negative delay longer than the audio makes the reference's list overlong; its InterleavedTokenizer
+        # cuts it back to the frame count, which is what we return.
+        assert got == case["tokens"][:n], case["name"]
+
+
+def test_recorded_moshi_finetune_windows_are_reproduced():
+    for w in _fixture()["windows"]:
+        al = [(word, (s, e), spk) for word, (s, e), spk in w["alignments"]]
+        start = w["start_sec"]
+        want = [(word, (s - start, e - start), spk) for word, (s, e), spk in al[w["first"]:w["end"]]]
+        assert window_alignments(al, start, w["duration_sec"]) == want, w
 
 
 # --- optional parity with the reference implementation -------------------------------------------------------------

@@ -112,3 +112,71 @@ def test_opus_decoder_rejects_bytes_that_are_not_ogg_opus(payload, words):
     with pytest.raises(P.ProtocolError) as e:
         P.OpusDecoder(FRAME).feed(payload)
     assert e.value.code == P.CLOSE_INVALID_PAYLOAD and words in e.value.reason
+
+
+def test_wire_values_are_the_reference_protocol_and_rfc_6455_numbers():
+    # What a client sees on the wire (rust/protocol.md, the web client's encoder): kind and control bytes, close
+    # codes (RFC 6455 section 7.4.1), 24 kHz audio.
+    assert {k.name: int(k) for k in P.Kind} == {"HANDSHAKE": 0, "AUDIO": 1, "TEXT": 2, "CONTROL": 3, "METADATA": 4,
+                                                "ERROR": 5, "PING": 6, "COLORED_TEXT": 7}
+    assert {c.name: int(c) for c in P.Control} == {"START": 0, "END_TURN": 1, "PAUSE": 2, "RESTART": 3}
+    assert [P.encode_control(c) for c in P.Control] == [b"\x03\x00", b"\x03\x01", b"\x03\x02", b"\x03\x03"]
+    assert (P.CLOSE_NORMAL, P.CLOSE_GOING_AWAY, P.CLOSE_UNSUPPORTED_DATA, P.CLOSE_INVALID_PAYLOAD, P.CLOSE_POLICY,
+            P.CLOSE_INTERNAL_ERROR, P.CLOSE_TRY_AGAIN_LATER) == (1000, 1001, 1003, 1007, 1008, 1011, 1013)
+    assert P.MAX_CLOSE_REASON_BYTES == 123 and P.SAMPLE_RATE == 24_000
+    assert P.kind_name(7) == "0x07 (colored_text)" and P.kind_name(0x2a) == "0x2a (unknown)"
+    assert P.CLIENT_KINDS == {P.Kind.HANDSHAKE, P.Kind.AUDIO, P.Kind.CONTROL, P.Kind.METADATA, P.Kind.PING}
+    for control in P.Control:
+        assert P.parse_client_message(P.encode_control(control)).control == control
+
+
+def test_a_close_reason_of_exactly_123_bytes_is_kept_whole():
+    assert P.truncate_reason("x" * 123) == "x" * 123
+    assert P.truncate_reason("x" * 124) == "x" * 120 + "..."
+    assert P.truncate_reason("é" * 62) == "é" * 60 + "..."  # 124 bytes
+    assert P.truncate_reason("a" + "é" * 62) == "a" + "é" * 59 + "..."  # never half a character
+
+
+def test_handshake_echoes_of_the_web_client_are_accepted_with_their_payload():
+    for payload in (b"", b"\x00\x01", struct.pack("<II", 0, 1)):
+        msg = P.parse_client_message(b"\x00" + payload)
+        assert msg == P.ClientMessage(P.Kind.HANDSHAKE, payload)
+    for n in (1, 3, 7, 9):
+        with pytest.raises(P.ProtocolError, match=f"bad handshake: payload of {n} bytes"):
+            P.parse_client_message(b"\x00" + bytes(n))
+
+
+def test_rust_handshake_carries_the_protocol_version_and_model_version_zero_by_default():
+    assert P.encode_handshake(1) == b"\x00\x01\x00\x00\x00\x00\x00\x00\x00"
+
+
+def test_parsed_client_messages_are_immutable():
+    import dataclasses
+
+    msg = P.parse_client_message(b"\x03\x01")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        msg.control = P.Control.START
+
+
+def test_opus_decoder_frames_are_the_decoded_stream_cut_in_order_whatever_the_frame_size():
+    import sphn
+
+    enc = P.OpusEncoder()
+    pages = [enc.encode(_tone(n, 300.0)) for n in (FRAME, FRAME * 2, FRAME, FRAME * 3)]
+    ref = sphn.OpusStreamReader(P.SAMPLE_RATE)
+    want = np.concatenate([np.asarray(ref.append_bytes(p), np.float32).reshape(-1) for p in pages])
+    for frame in (700, FRAME, 5000, want.size, want.size + 1):
+        dec = P.OpusDecoder(frame)
+        assert dec.frames_ready == 0 and dec.pop_frame() is None
+        got = []
+        for i, p in enumerate(pages):  # pop only now and then: several decoded pieces wait in the buffer
+            dec.feed(p)
+            if i == 1 and dec.frames_ready:
+                got.append(dec.pop_frame())
+        ready = dec.frames_ready
+        assert type(ready) is int and ready + len(got) == want.size // frame
+        got += [dec.pop_frame() for _ in range(ready)]
+        assert dec.frames_ready == 0 and dec.pop_frame() is None
+        if got:
+            assert all(g.shape == (frame,) and g.dtype == np.float32 for g in got)
+            np.testing.assert_array_equal(np.concatenate(got), want[: len(got) * frame])

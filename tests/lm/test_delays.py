@@ -67,3 +67,58 @@ def test_wrong_number_of_delays_is_rejected():
         dl.delay(jnp.zeros((1, 7, 4), jnp.int32), [0, 1, 1], jnp.zeros(7, jnp.int32))
     with pytest.raises(ValueError, match="3 delays for 7 streams"):
         dl.undelay(jnp.zeros((1, 7, 4)), [0, 1, 1])
+
+
+def test_more_delays_than_streams_is_rejected_too():
+    with pytest.raises(ValueError, match="8 delays for 7 streams"):
+        dl.delay(jnp.zeros((1, 7, 4), jnp.int32), DELAYS + [1], jnp.zeros(8, jnp.int32))
+    with pytest.raises(ValueError, match="8 delays for 7 streams"):
+        dl.model_input(jnp.zeros((1, 7, 4), jnp.int32), DELAYS + [1], jnp.zeros(8, jnp.int32))
+    with pytest.raises(ValueError, match="8 delays for 7 streams"):
+        dl.undelay(jnp.zeros((1, 7, 4)), DELAYS + [1])
+
+
+def test_initial_tokens_are_the_text_token_then_one_audio_token_per_codebook():
+    got = dl.initial_tokens(32000, 2048, 3)
+    assert got.dtype == jnp.int32
+    assert got.tolist() == [32000, 2048, 2048, 2048]
+    assert dl.initial_tokens(5, 9, 0).tolist() == [5]
+
+
+def test_model_input_keeps_the_codes_dtype_whatever_the_initial_tokens_dtype():
+    codes = jnp.asarray(_codes(B=1, T=4), jnp.int32)
+    for dtype in (jnp.int16, jnp.float32):
+        seq = dl.model_input(codes, DELAYS, jnp.arange(len(DELAYS), dtype=dtype))
+        assert seq.dtype == jnp.int32 and seq.shape == (1, len(DELAYS), 5)
+        assert np.asarray(seq[0, :, 0]).tolist() == list(range(len(DELAYS)))
+
+
+def test_undelay_fills_the_tail_with_zero_by_default_or_the_given_value_and_keeps_the_dtype():
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, 5, 4)), jnp.bfloat16)
+    for fill, kw in ((0.0, {}), (-7.0, {"fill_value": -7.0})):
+        out, mask = dl.undelay(x, [0, 1, 3], **kw)
+        assert out.dtype == jnp.bfloat16 and out.shape == x.shape and mask.dtype == jnp.bool_
+        out = np.asarray(out.astype(jnp.float32))
+        np.testing.assert_array_equal(out[:, 1, 4:], fill)  # the last d_k steps of stream k
+        np.testing.assert_array_equal(out[:, 2, 2:], fill)
+        np.testing.assert_array_equal(out[:, 1, :4], np.asarray(x[:, 1, 1:].astype(jnp.float32)))
+        assert np.asarray(mask[:, 2]).tolist() == [[True, True, False, False, False]] * 2
+    ints, _ = dl.undelay(jnp.ones((1, 1, 3), jnp.int32), [1], fill_value=-1)
+    assert ints.dtype == jnp.int32 and ints.tolist() == [[[1, 1, -1]]]
+
+
+def test_undelay_of_a_single_delayed_stream_and_of_no_streams():
+    x = jnp.arange(6, dtype=jnp.float32).reshape(1, 1, 6)
+    out, mask = dl.undelay(x, [2])
+    assert out.tolist() == [[[2, 3, 4, 5, 0, 0]]] and mask.tolist() == [[[True] * 4 + [False] * 2]]
+    empty, mask = dl.undelay(jnp.zeros((2, 0, 5, 3)), [])
+    assert empty.shape == (2, 0, 5, 3) and mask.shape == (2, 0, 5) and mask.dtype == jnp.bool_
+
+
+def test_initial_tokens_must_be_one_per_stream():
+    # jax clamps an index past the end, so a short `initial` would silently give the last stream's token.
+    for initial in (jnp.zeros(3, jnp.int32), jnp.zeros(8, jnp.int32), jnp.zeros((1, 7), jnp.int32)):
+        with pytest.raises(ValueError, match=r"want one per stream, \(7,\)"):
+            dl.delay(jnp.zeros((1, 7, 4), jnp.int32), DELAYS, initial)
+        with pytest.raises(ValueError, match=r"want one per stream, \(7,\)"):
+            dl.model_input(jnp.zeros((1, 7, 4), jnp.int32), DELAYS, initial)

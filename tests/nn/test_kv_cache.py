@@ -74,3 +74,93 @@ def test_writes_go_to_position_modulo_capacity_in_the_stacked_layer():
     np.testing.assert_array_equal(out.positions[1][2, 10:], [22, 23])
     assert float(out.keys[1, 2, :, :, 11].min()) == 1.0 and float(out.values[1, 2, :, 10].min()) == 2.0
     assert float(jnp.abs(out.keys[1, 1, :, :, 2:]).max()) == 0.0
+
+
+@pytest.mark.parametrize("steps", [[3, 0, 9], [30, 0, 4], [0, 0, 0]])
+@pytest.mark.parametrize("max_chunk,context", [(4, 7), (12, None), (5, 3)])
+def test_chunked_attention_gives_an_item_with_nothing_written_what_the_layer_path_gives_zeros(steps, max_chunk,
+                                                                                           context):
+    # An item just reset (or never fed) has no valid key: its output is 0, never NaN, in both layouts, and
+    # the other items are unaffected.
+    cache = _filled_ring(steps)
+    stacked = jax.tree.map(lambda a: jnp.stack([a, jnp.zeros_like(a)]), cache)  # layer 0 holds the ring
+    q = jnp.asarray(np.random.default_rng(2).standard_normal((B, 1, H, D)), jnp.float32)
+    q_pos = jnp.asarray([[max(s - 1, 0)] for s in steps], jnp.int32)
+    chunked = np.asarray(kvc.attend(q, stacked, q_pos, True, context, layer=jnp.int32(0), max_chunk=max_chunk))
+    per_layer = np.asarray(kvc.attend(q, cache, q_pos, True, context, min_prefix=2))
+    assert np.isfinite(chunked).all()
+    empty = np.asarray([s == 0 for s in steps])
+    np.testing.assert_array_equal(chunked[empty], 0.0)
+    np.testing.assert_allclose(chunked, per_layer, rtol=1e-5, atol=1e-6)
+    want = np.asarray(_plain(q, cache, q_pos, True, context))
+    np.testing.assert_allclose(chunked[~empty], want[~empty], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal,context", [(False, None), (True, 4), (True, None)])
+def test_a_chunk_of_queries_written_together_attends_like_plain_attention_in_both_layouts(causal, context):
+    # A multi-token step (T=3, e.g. a prompt chunk) writes all its keys first, then each query sees the keys its
+    # mask allows (non-causal: every written slot). Items at different lengths, one wrapping the ring.
+    r = np.random.default_rng(4)
+    T = 3
+    cache = _filled_ring([4, 14, 0])
+    starts = np.asarray([4, 14, 0])
+    pos = jnp.asarray(starts[:, None] + np.arange(T)[None], jnp.int32)
+    k, v = (jnp.asarray(r.standard_normal((B, T, H, D)), jnp.float32) for _ in range(2))
+    cache = kvc.write(cache, k, v, pos)
+    q = jnp.asarray(r.standard_normal((B, T, H, D)), jnp.float32)
+    want = np.asarray(_plain(q, cache, pos, causal, context))
+    per_layer = kvc.attend(q, cache, pos, causal, context, min_prefix=2)
+    stacked = jax.tree.map(lambda a: jnp.stack([jnp.zeros_like(a), a, jnp.zeros_like(a)]), cache)
+    for max_chunk in (4, 12):
+        chunked = kvc.attend(q, stacked, pos, causal, context, layer=jnp.int32(1), max_chunk=max_chunk)
+        np.testing.assert_allclose(chunked, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(per_layer, want, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_keeps_the_query_dtype_and_a_fresh_cache_is_empty():
+    cache = kvc.init_kv_cache(2, 8, 1, 4, jnp.bfloat16)
+    assert cache.keys.shape == (2, 1, 4, 8) and cache.values.shape == (2, 1, 8, 4)
+    assert cache.keys.dtype == jnp.bfloat16 and cache.positions.dtype == jnp.int32
+    assert (np.asarray(cache.positions) == -1).all()
+    q = jnp.ones((2, 1, 1, 4), jnp.bfloat16)
+    cache = kvc.write(cache, q, 3 * q, jnp.zeros((2, 1), jnp.int32))
+    out = kvc.attend(q, cache, jnp.zeros((2, 1), jnp.int32), True, None)
+    assert out.dtype == jnp.bfloat16 and out.shape == (2, 1, 1, 4)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), 3.0)  # one key: its value, exactly
+    stacked = jax.tree.map(lambda a: a[None], cache)
+    out = kvc.attend(q, stacked, jnp.zeros((2, 1), jnp.int32), True, None, layer=jnp.int32(0), max_chunk=4)
+    assert out.dtype == jnp.bfloat16 and out.shape == (2, 1, 1, 4)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), 3.0)
+
+
+@pytest.mark.parametrize("steps", [[12, 7, 1], [30, 6, 0]])
+def test_chunked_attention_reads_the_second_of_two_chunks(steps):
+    # capacity 12 in two chunks of 6: keys in slots 6.. must be seen (the single-chunk shortcut is for one chunk)
+    cache = _filled_ring(steps)
+    stacked = jax.tree.map(lambda a: a[None], cache)
+    q = jnp.asarray(np.random.default_rng(5).standard_normal((B, 1, H, D)), jnp.float32)
+    q_pos = jnp.asarray([[max(s - 1, 0)] for s in steps], jnp.int32)
+    got = kvc.attend(q, stacked, q_pos, True, None, layer=jnp.int32(0), max_chunk=6)
+    np.testing.assert_allclose(got, kvc.attend(q, cache, q_pos, True, None, min_prefix=2), rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_and_prefix_sizes_cover_the_ring():
+    assert kvc._chunk_size(12, 5) == 4 and kvc._chunk_size(12, 12) == 12 and kvc._chunk_size(7, 4) == 1
+    assert kvc._chunk_size(3000) == 500 and kvc._chunk_size(8, 512) == 8
+    assert kvc.prefix_sizes(64) == (64,) and kvc.prefix_sizes(65) == (64, 65)
+    assert kvc.prefix_sizes(3000) == (64, 128, 256, 512, 1024, 2048, 3000)
+
+
+def test_large_attention_scores_do_not_overflow_in_either_layout():
+    # Scores of several hundred (big activations, e.g. bf16-trained weights): the softmax is stabilised by the
+    # row maximum, so the result is the plain attention, finite.
+    cache = _filled_ring([9, 12, 3])
+    q = 60.0 * jnp.asarray(np.random.default_rng(6).standard_normal((B, 1, H, D)), jnp.float32)
+    q_pos = jnp.asarray([[8], [11], [2]], jnp.int32)
+    want = np.asarray(_plain(q, cache, q_pos, True, None))
+    per_layer = np.asarray(kvc.attend(q, cache, q_pos, True, None, min_prefix=4))
+    chunked = np.asarray(kvc.attend(q, jax.tree.map(lambda a: a[None], cache), q_pos, True, None,
+                                    layer=jnp.int32(0), max_chunk=4))
+    assert np.isfinite(want).all()
+    np.testing.assert_allclose(per_layer, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(chunked, want, rtol=1e-4, atol=1e-5)
