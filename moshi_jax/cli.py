@@ -371,7 +371,8 @@ def _add_serve(sub) -> None:
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("listening on %s: the server has no authentication; anyone who can reach it can talk to "
                         "the model", args.host)
-        serve(engine, engine.prepare_params(params), host=args.host, port=args.port, max_sessions=args.max_sessions)
+        serve(engine, engine.prepare_params(params, consume=True), host=args.host, port=args.port,
+              max_sessions=args.max_sessions)
 
     p = sub.add_parser(
         "serve", help="websocket server speaking the reference Moshi protocol (several clients batched)",
@@ -431,7 +432,7 @@ def _add_engine(sub) -> None:
                                          apply_repo_sampling=not (over or args.greedy or mode == "tts"))
         except (FileNotFoundError, ValueError, KeyError, OSError, TypeError) as e:
             raise CLIError(f"cannot set up the model: {e}") from e
-        return engine, engine.prepare_params(params)
+        return engine, engine.prepare_params(params, consume=True)
 
     def repo_setting(args, section: str, key: str):
         """A value from the repository's config.json (e.g. stt_config / tts_config), or None."""
