@@ -118,7 +118,7 @@ def sec_engine(s: dict) -> dict:
     import jax
     import numpy as np
 
-    from moshi_jax.engine.engine import Engine, EngineConfig, default_tokenizer, preset_configs
+    from moshi_jax.engine.engine import Engine, EngineConfig, preset_configs
     from moshi_jax.lm import generate as gen
     from moshi_jax.lm import model as lm_model
     from moshi_jax.mimi.model import MimiCodec
@@ -128,7 +128,7 @@ def sec_engine(s: dict) -> dict:
     lm_cfg = lm_cfg.with_dtypes("bfloat16", "bfloat16")
     t0 = time.perf_counter()
     raw = nn.unbox(jax.jit(lm_model.init_params, static_argnums=0)(lm_cfg, jax.random.PRNGKey(0)))
-    engine = Engine(mimi_cfg, lm_cfg, EngineConfig(), default_tokenizer(lm_cfg.text_card))
+    engine = Engine(mimi_cfg, lm_cfg, EngineConfig())  # no tokenizer: text is not decoded here
     params = engine.prepare_params({"mimi": MimiCodec(mimi_cfg).init(jax.random.PRNGKey(1)), "lm": raw},
                                    consume=True)
     del raw
@@ -470,8 +470,9 @@ def settings(args) -> dict:
         "batches": args.batches or ([1, 2] if smoke else [1, 8, 32, 64]),
         "iters": args.iters or (3 if smoke else 40),
         "train_config": args.train_config or ("tiny" if smoke else "2b"),
-        "train_batch": args.train_batch or (2 if smoke else 64), "train_frames": args.train_frames or
-        (16 if smoke else 256), "train_remat": args.train_remat, "train_microbatches": args.train_microbatches,
+        "train_batch": args.train_batch or (2 if smoke else 64),
+        "train_frames": args.train_frames or (16 if smoke else 256), "train_remat": args.train_remat,
+        "train_microbatches": args.train_microbatches or (1 if smoke else 4),
         "train_steps": 2 if smoke else 5, "ref_train_batch": args.ref_train_batch,
         "lora_config": "tiny" if smoke else "7b", "lora_batch": args.lora_batch or (2 if smoke else 8),
         "lora_frames": args.lora_frames or (16 if smoke else 512),
@@ -504,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-frames", type=int, default=None, help="T of the train row (default 256)")
     p.add_argument("--train-remat", default="dots", choices=("none", "full", "dots", "dots_no_batch"),
                    help="remat policy of the full train row (default dots)")
-    p.add_argument("--train-microbatches", type=int, default=1, help="gradient accumulation steps (default 1)")
+    p.add_argument("--train-microbatches", type=int, default=None,
+                   help="gradient accumulation steps (default 4: 16k frames in 4k-frame microbatches; smoke 1)")
     p.add_argument("--ref-train-batch", type=int, default=8, help="B of the reference train row (default 8)")
     p.add_argument("--lora-batch", type=int, default=None, help="B of the 7B LoRA row (default 8)")
     p.add_argument("--lora-frames", type=int, default=None, help="T of the 7B LoRA row (default 512)")
