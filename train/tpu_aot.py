@@ -266,8 +266,8 @@ def sessions_per_chip(res: dict, hbm: float, frame_s: float = 0.080) -> dict:
 
     dm = (total(r1) - total(r0)) / (b1 - b0)
     dt = (r1["roofline_s"] - r0["roofline_s"]) / (b1 - b0)
-    fit = int(b1 + (hbm - total(r1)) // dm) if dm > 0 else None
-    real_time = int(b1 + (frame_s - r1["roofline_s"]) // dt) if dt > 0 else None
+    fit = b1 + math.floor((hbm - total(r1)) / dm + 1e-9) if dm > 0 else None
+    real_time = b1 + math.floor((frame_s - r1["roofline_s"]) / dt + 1e-9) if dt > 0 else None
     ds = (r1["state_bytes"] - r0["state_bytes"]) / (b1 - b0)
     return {"bytes_per_extra_session": dm, "state_bytes_per_session": ds,
             "roofline_s_per_extra_session": dt, "sessions_fit_hbm": fit, "sessions_real_time_roofline": real_time,
