@@ -564,8 +564,8 @@ def _add_serve(sub) -> None:
             log.warning("listening on %s: the server has no authentication; anyone who can reach it can talk to "
                         "the model", args.host)
         model = str(args.weights_dir) if args.weights_dir else f"random {args.preset} model (seed {args.seed})"
-        serve(engine, engine.prepare_params(params), host=args.host, port=args.port, max_sessions=args.max_sessions,
-              sock=sock, max_queue=args.max_queue, idle_timeout_s=args.idle_timeout or None,
+        serve(engine, engine.prepare_params(params, consume=True), host=args.host, port=args.port,
+              max_sessions=args.max_sessions, sock=sock, max_queue=args.max_queue, idle_timeout_s=args.idle_timeout or None,
               heartbeat_s=args.heartbeat or None, static_dir=args.static, model_name=model)
 
     p = sub.add_parser(
@@ -643,7 +643,7 @@ def _add_engine(sub) -> None:
                                          apply_repo_sampling=not (over or args.greedy or mode == "tts"))
         except (FileNotFoundError, ValueError, KeyError, OSError, TypeError) as e:
             raise CLIError(f"cannot set up the model: {e}") from e
-        return engine, engine.prepare_params(params)
+        return engine, engine.prepare_params(params, consume=True)
 
     def repo_setting(args, section: str, key: str):
         """A value from the repository's config.json (e.g. stt_config / tts_config), or None."""

@@ -3,13 +3,18 @@
     python -m train.tpu_aot setup                         # create .venv-tpu: libtpu only (~700 MB, ~15 s)
     python -m train.tpu_aot compile tiny --topology v5e:2x2 [key=value ...]      # runs inside .venv-tpu
     python -m train.tpu_aot compile 7b --topology v5p:2x2x2 --mesh 1,8,1 --json out.json
+    python -m train.tpu_aot engine moshi_7b --topology v5e:2x2 --batches 1 32    # serving roofline, one chip
 
 libtpu must not live in the main environment (on a CPU machine it would make jax probe for TPUs), so `setup`
 creates a separate venv holding only the libtpu wheel pinned by jax's own `tpu` extra, plus a `.pth` file
 that puts the main environment's packages (jax, flax, optax, ...) after it on `sys.path`. `compile` re-executes
 itself with that venv's Python when it is not already running there, builds a mesh of the topology's devices
 (`jax.experimental.topologies.get_topology_desc`), lowers and compiles the sharded, donated train step from
-abstract shapes only (no parameter is allocated) and prints XLA's per-device memory analysis and FLOPs as JSON.
+abstract shapes only (no parameter is allocated) and prints XLA's per-device memory analysis and FLOPs as JSON,
+with XLA's bytes accessed and a roofline against the chip's peaks (`CHIPS`): the step time if it ran at peak
+FLOP/s or peak HBM bandwidth, whichever is slower, and the MFU that implies. `engine` does the same for the
+serving step on one chip and derives the sessions a chip holds and serves in real time. The kernels are
+traced with `moshi_jax.nn.backend`'s portable choices (the host backend of a compile-only run is CPU).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+
+from moshi_jax.nn import backend
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = REPO / ".venv-tpu"
@@ -121,9 +128,11 @@ def compile_lm(config: str, overrides: list[str], topology: str, mesh_shape: tup
     B, T = cfg.data.batch_size, cfg.data.seq_frames
     batch_sh = program.batch_shardings(mesh)
     shapes = {"codes": ((B, 1 + lm_cfg.n_q, T), "int32")}
-    res = aot_compile_step(program.task, tx, make_schedule(cfg.optimizer, cfg.steps), mesh, rules, shapes,
-                           batch_sh, lora=cfg.lora, microbatches=cfg.optimizer.microbatches,
-                           compute_dtype=cfg.compute_dtype)
+    with backend.override("portable"):  # the host backend here is CPU; the target is a TPU
+        res = aot_compile_step(program.task, tx, make_schedule(cfg.optimizer, cfg.steps), mesh, rules, shapes,
+                               batch_sh, lora=cfg.lora, microbatches=cfg.optimizer.microbatches,
+                               compute_dtype=cfg.compute_dtype)
+    cost = _cost(res.compiled)
     spec = build_state_spec(program.task, tx, mesh, rules, cfg.lora)
     state_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(spec.abstract_state))
     frozen_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(spec.abstract_frozen))
@@ -140,7 +149,136 @@ def compile_lm(config: str, overrides: list[str], topology: str, mesh_shape: tup
         "flops_per_device_step": res.flops, "model_flops_per_step": program.flops_per_step,
         "compile_seconds": res.compile_seconds, "num_devices": res.num_devices,
         "peak_bytes_per_device_estimate": per_device, **mem,
+        "bytes_accessed_per_device_step": cost["bytes_accessed"], "xla_optimal_seconds": cost["optimal_seconds"],
+        "roofline": train_roofline(topology, res.flops, cost["bytes_accessed"], program.flops_per_step,
+                                   res.num_devices, B * T),
     }
+
+
+# ----------------------------------------------------------------------------------------------- roofline
+
+#: Public per-chip peaks: bf16 dense FLOP/s, HBM bandwidth (bytes/s), HBM capacity (bytes).
+CHIPS = {"v5e": (197e12, 819e9, 16 * 2**30), "v5p": (459e12, 2765e9, 95 * 2**30),
+         "v4": (275e12, 1228e9, 32 * 2**30), "v6e": (918e12, 1640e9, 32 * 2**30)}
+
+
+def chip_peaks(topology: str) -> tuple[float, float, float]:
+    name = topology.split(":")[0].lower()
+    if name not in CHIPS:
+        raise ValueError(f"no peak figures for TPU {name!r} (known: {sorted(CHIPS)})")
+    return CHIPS[name]
+
+
+def _cost(compiled) -> dict:
+    ca = compiled.cost_analysis()
+    ca = (ca[0] if ca else {}) if isinstance(ca, list | tuple) else (ca or {})
+    return {"flops": float(ca.get("flops", 0.0)), "bytes_accessed": float(ca.get("bytes accessed", 0.0)),
+            "optimal_seconds": float(ca.get("optimal_seconds", float("nan")))}
+
+
+def roofline_seconds(topology: str, flops: float, bytes_accessed: float) -> dict:
+    """Roofline time of one program on one chip: the larger of compute time at peak and memory time at peak."""
+    peak, bw, _ = chip_peaks(topology)
+    t_c, t_m = flops / peak, bytes_accessed / bw
+    return {"compute_s": t_c, "memory_s": t_m, "roofline_s": max(t_c, t_m),
+            "bound": "compute" if t_c >= t_m else "memory"}
+
+
+def train_roofline(topology: str, flops_per_device: float, bytes_per_device: float, model_flops: float,
+                   num_devices: int, frames_per_step: int) -> dict:
+    """Roofline step time per device and the MFU it implies (model FLOPs / (chips x peak x time)).
+
+    XLA's cost analysis counts a while loop's body once, so a scanned layer stack (`scan_layers=True`) reports
+    about 1/L of the step's FLOPs and bytes. Where the analytic model FLOPs per device exceed XLA's count,
+    the compute time uses the model FLOPs and `xla_counts_loop_body_once` is set: the memory time is then a
+    lower bound too (compile with scan_layers=false for a full count)."""
+    undercount = model_flops / num_devices > flops_per_device
+    r = roofline_seconds(topology, max(flops_per_device, model_flops / num_devices), bytes_per_device)
+    r["xla_counts_loop_body_once"] = undercount
+    peak = chip_peaks(topology)[0]
+    r["implied_mfu"] = model_flops / (num_devices * peak * r["roofline_s"]) if r["roofline_s"] else None
+    r["frames_per_s"] = frames_per_step / r["roofline_s"] if r["roofline_s"] else None
+    return r
+
+
+def compile_engine(preset: str, topology: str, batches: list[int], kernels: str = "portable") -> dict:
+    """The full-duplex engine step (Mimi enc + LM + Mimi dec, LM in bf16, donated state) compiled for ONE chip of
+    `topology`, per batch size: XLA's cost analysis (flops, bytes accessed, optimal_seconds), memory analysis,
+    roofline time per frame on that chip, and the sessions one chip holds (HBM) and serves (80 ms frames)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from moshi_jax.engine.engine import Engine, EngineConfig, preset_configs
+    from moshi_jax.lm import generate as gen
+    from moshi_jax.lm import model as lm_model
+    from moshi_jax.mimi.model import MimiCodec
+
+    dev = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
+    rep = NamedSharding(Mesh([dev], ("x",)), P())
+    mimi_cfg, lm_cfg = preset_configs(preset)
+    lm_cfg = lm_cfg.with_dtypes("bfloat16", "bfloat16")
+    engine = Engine(mimi_cfg, lm_cfg, EngineConfig(), None)
+    abs_lm = jax.eval_shape(lambda k: nn.unbox(lm_model.init_params(lm_cfg, k)), jax.random.PRNGKey(0))
+    put = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), t)  # noqa: E731
+    params = put({"mimi": jax.eval_shape(lambda k: MimiCodec(mimi_cfg).init(k), jax.random.PRNGKey(1)),
+                  "lm": jax.eval_shape(lambda p: gen.prepare_streaming_params(p, lm_cfg), abs_lm)})
+    nbytes = lambda t: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t))  # noqa: E731
+    peak, bw, hbm = chip_peaks(topology)
+    out = {"preset": preset, "topology": topology, "device_kind": dev.device_kind, "kernels": kernels,
+           "param_bytes": nbytes(params), "per_batch": {}}
+    for B in batches:
+        state = put(jax.eval_shape(lambda B=B: engine.init_state(B)))
+        pcm = jax.ShapeDtypeStruct((B, engine.frame_size), jnp.float32, sharding=rep)
+        act = jax.ShapeDtypeStruct((B,), jnp.bool_, sharding=rep)
+        t0 = time.perf_counter()
+        with backend.override(kernels):
+            compiled = jax.jit(engine._step_impl, donate_argnums=(1,)).lower(params, state, pcm, act).compile()
+        mem = memory_stats_dict(compiled)
+        cost = _cost(compiled)
+        r = {"compile_s": round(time.perf_counter() - t0, 1), "state_bytes": nbytes(state), **cost, **mem,
+             **roofline_seconds(topology, cost["flops"], cost["bytes_accessed"])}
+        r["weights_plus_state_bytes"] = out["param_bytes"] + r["state_bytes"]
+        r["bytes_over_weights_plus_state"] = cost["bytes_accessed"] / r["weights_plus_state_bytes"]
+        out["per_batch"][str(B)] = r
+        print(f"  B={B}: {cost['flops']:.3e} flop, {cost['bytes_accessed'] / 1e9:.2f} GB accessed "
+              f"({r['bytes_over_weights_plus_state']:.2f}x weights+state), roofline {1e3 * r['roofline_s']:.2f} ms "
+              f"({r['bound']}), XLA optimal {1e3 * cost['optimal_seconds']:.2f} ms; temporaries "
+              f"{mem.get('temp_size_in_bytes', 0) / 2**30:.2f} GiB, aliased "
+              f"{mem.get('alias_size_in_bytes', 0) / 2**30:.2f} GiB ({r['compile_s']} s)", file=sys.stderr, flush=True)
+    out.update(sessions_per_chip(out, hbm))
+    return out
+
+
+def memory_stats_dict(compiled) -> dict:
+    m = compiled.memory_analysis()
+    names = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
+    return {n: int(getattr(m, n)) for n in names if m is not None and hasattr(m, n)}
+
+
+def sessions_per_chip(res: dict, hbm: float, frame_s: float = 0.080) -> dict:
+    """From the two largest compiled batch sizes (memory and roofline time are linear in B): the most sessions
+    whose compiled step fits the chip's HBM, and the most whose roofline time per frame stays under 80 ms."""
+    pts = sorted((int(b), r) for b, r in res["per_batch"].items())
+    if len(pts) < 2:
+        return {}
+    (b0, r0), (b1, r1) = pts[-2], pts[-1]
+
+    def total(r):
+        return r.get("argument_size_in_bytes", 0) + r.get("output_size_in_bytes", 0) \
+            - r.get("alias_size_in_bytes", 0) + r.get("temp_size_in_bytes", 0)
+
+    dm = (total(r1) - total(r0)) / (b1 - b0)
+    dt = (r1["roofline_s"] - r0["roofline_s"]) / (b1 - b0)
+    fit = b1 + math.floor((hbm - total(r1)) / dm + 1e-9) if dm > 0 else None
+    real_time = b1 + math.floor((frame_s - r1["roofline_s"]) / dt + 1e-9) if dt > 0 else None
+    ds = (r1["state_bytes"] - r0["state_bytes"]) / (b1 - b0)
+    return {"bytes_per_extra_session": dm, "state_bytes_per_session": ds,
+            "roofline_s_per_extra_session": dt, "sessions_fit_hbm": fit, "sessions_real_time_roofline": real_time,
+            "sessions_per_chip": None if fit is None or real_time is None else max(0, min(fit, real_time))}
 
 
 def _in_tpu_venv() -> bool:
@@ -173,6 +311,11 @@ def format_summary(r: dict) -> str:
              f" GiB",
              f"  XLA flops per device per step {r['flops_per_device_step']:.3e}; model flops per step "
              f"{r['model_flops_per_step']:.3e}"]
+    if r.get("roofline"):
+        rf = r["roofline"]
+        lines.append(f"  bytes accessed per device {r['bytes_accessed_per_device_step'] / 1e9:.1f} GB; roofline step "
+                     f"{rf['roofline_s']:.3f} s ({rf['bound']}-bound) -> implied MFU {rf['implied_mfu']:.1%}, "
+                     f"{rf['frames_per_s']:.0f} frames/s")
     return "\n".join(lines)
 
 
@@ -188,6 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes (default 1,-1,1: all chips on fsdp)")
     c.add_argument("--batch-size", type=int, default=None, help="global batch (default: the config's)")
     c.add_argument("--json", type=Path, default=None, help="also write the result here")
+    e = sub.add_parser("engine", help="compile the full-duplex engine step for one chip of a TPU topology; print "
+                                      "cost analysis, memory and the roofline time per frame / sessions per chip")
+    e.add_argument("preset", nargs="?", default="moshi_7b", help="engine preset (tiny, bench_111m, moshi_7b)")
+    e.add_argument("--topology", default="v5p:2x2x1", help="TPU topology; one chip of it is used")
+    e.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (>= 2 of them for the "
+                                                                            "sessions-per-chip estimate)")
+    e.add_argument("--kernels", default="portable", choices=sorted(backend.NAMED),
+                   help="kernel choices (moshi_jax.nn.backend): portable = what a TPU run traces")
+    e.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = p.parse_args(argv)
     if args.cmd == "setup":
         setup(args.venv)
@@ -208,8 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     # Compile-only use never touches a chip: let several such processes run at once (libtpu otherwise takes
     # /tmp/libtpu_lockfile and a second process fails).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    result = compile_lm(args.config, args.overrides, args.topology, _parse_mesh(args.mesh), args.batch_size)
-    print(format_summary(result), file=sys.stderr)
+    if args.cmd == "engine":
+        result = compile_engine(args.preset, args.topology, args.batches, args.kernels)
+    else:
+        result = compile_lm(args.config, args.overrides, args.topology, _parse_mesh(args.mesh), args.batch_size)
+        print(format_summary(result), file=sys.stderr)
     text = json.dumps(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -312,12 +312,13 @@ class Engine:
                 cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, **over))
         return cls(mimi_cfg, lm_cfg, cfg, tok), {"mimi": mimi_params, "lm": lm_params}
 
-    def prepare_params(self, params: Params) -> Params:
+    def prepare_params(self, params: Params, consume: bool = False) -> Params:
         """Lay the LM params out for streaming once, outside the step (`lm.model.prepare_streaming_params`:
         per-layer / per-depth-step buffers that the compiled step reads in place instead of copying slices of
         the stacked weights every frame). `step` accepts raw or prepared params with identical results; drop
-        the raw ones afterwards to save memory."""
-        return {"mimi": params["mimi"], "lm": gen.prepare_streaming_params(params["lm"], self.lm_cfg)}
+        the raw ones afterwards to save memory. `consume=True` frees the raw transformer stacks while copying
+        them (peak: the model once plus one stacked leaf, instead of twice); `params["lm"]` is spent after."""
+        return {"mimi": params["mimi"], "lm": gen.prepare_streaming_params(params["lm"], self.lm_cfg, consume)}
 
     def _input_codebooks(self) -> int:
         """Mimi codebooks encoded per input frame: the user streams (dialogue), the model's own audio streams

@@ -280,16 +280,20 @@ class StreamingParams:
     depth_steps: tuple[dict[str, Any], ...]  # per depth step k: in [dim, dep_dim], emb, emb_low_rank, linear, layers
 
 
-def prepare_streaming_params(params: Any, cfg: LMConfig) -> StreamingParams:
+def prepare_streaming_params(params: Any, cfg: LMConfig, consume: bool = False) -> StreamingParams:
     """Convert (unboxed) LM params once, outside the jitted step, for `generate.step`. Copies the stacked
-    weights (the original `params` can be dropped afterwards to save memory)."""
+    weights (the original `params` can be dropped afterwards to save memory). `consume=True` (concrete arrays
+    only): delete each leaf of the two transformer stacks of `params` as soon as it is copied out, so that the
+    peak is the prepared params plus one stacked leaf, not two copies of the model; those leaves of `params`
+    are unusable afterwards (the top-level ones are shared with the result and kept)."""
     params = nn.unbox(params)
+    unstack = _unstack_consuming if consume else unstack_layers
     base = {k: v for k, v in params.items() if k not in ("transformer", "depformer")}
-    temporal_layers = unstack_layers(params["transformer"]["layers"], cfg.temporal.num_layers)
+    temporal_layers = unstack(params["transformer"]["layers"], cfg.temporal.num_layers)
     steps: list[dict[str, Any]] = []
     if cfg.depth is not None:
         d = cfg.depth
-        dep_layers = unstack_layers(params["depformer"]["layers"], d.num_layers)
+        dep_layers = unstack(params["depformer"]["layers"], d.num_layers)
         low_rank = cfg.depformer_low_rank_embeddings is not None
         for k in range(cfg.dep_q):
             w = d.weights_per_step_schedule[k] if d.weights_per_step_schedule else k
@@ -302,6 +306,23 @@ def prepare_streaming_params(params: Any, cfg: LMConfig) -> StreamingParams:
                 "layers": tuple(select_step_weights(p, w) for p in dep_layers) if d.mult else dep_layers,
             })
     return StreamingParams(base=base, temporal_layers=temporal_layers, depth_steps=tuple(steps))
+
+
+def _unstack_consuming(stacked: Any, num_layers: int) -> tuple[Any, ...]:
+    """`unstack_layers`, deleting each stacked leaf once its per-layer copies exist."""
+    leaves, treedef = jax.tree.flatten(stacked)
+    per_leaf = []
+    for a in leaves:
+        per_leaf.append([a[i] for i in range(num_layers)])
+        _delete(a, per_leaf[-1])
+    return tuple(jax.tree.unflatten(treedef, [parts[i] for parts in per_leaf]) for i in range(num_layers))
+
+
+def _delete(a: Any, copies: Any) -> None:
+    """Free the buffer of array `a` once `copies` (made from it) are computed; tracers and None are left."""
+    if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and not a.is_deleted():
+        jax.block_until_ready(copies)
+        a.delete()
 
 
 def depth_step_prepared(cfg: LMConfig, step: dict[str, Any], hidden: Array, token: Array,

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from moshi_jax.nn import backend
+
 Array = jax.Array
 _CHUNK = 512  # attention walks a stacked ring in chunks of at most this many slots (see `attend`)
 _PREFIX = 64  # smallest prefix of a per-layer ring that attention reads (see `prefix_sizes`)
@@ -48,12 +50,32 @@ def write(cache: KVCache, k: Array, v: Array, positions: Array, layer: Array | N
     slots = positions % capacity
     b = jnp.arange(B)[:, None]
     lead = (b,) if layer is None else (layer, b)
-    # advanced indices around slices: the update's dims are [B, T] then [H, D], i.e. k's own layout
-    return KVCache(
-        keys=cache.keys.at[lead + (slice(None), slice(None), slots)].set(k.astype(cache.keys.dtype)),
-        values=cache.values.at[lead + (slice(None), slots)].set(v.astype(cache.values.dtype)),
-        positions=cache.positions.at[lead + (slots,)].set(positions.astype(jnp.int32)),
-    )
+    k, v = k.astype(cache.keys.dtype), v.astype(cache.values.dtype)
+    if layer is None and backend.choices().ring_write == "update_slices":
+        keys, values = _write_by_update_slices(cache.keys, cache.values, k, v, slots)
+    else:  # advanced indices around slices: the update's dims are [B, T] then [H, D], i.e. k's own layout
+        keys = cache.keys.at[lead + (slice(None), slice(None), slots)].set(k)
+        values = cache.values.at[lead + (slice(None), slots)].set(v)
+    return KVCache(keys=keys, values=values,
+                   positions=cache.positions.at[lead + (slots,)].set(positions.astype(jnp.int32)))
+
+
+def _write_by_update_slices(keys: Array, values: Array, k: Array, v: Array, slots: Array) -> tuple[Array, Array]:
+    """The scatter of `write` as a loop of one-slot `dynamic_update_slice`s (one per item and position), which
+    update the ring in place on every backend. (XLA:CPU has no bf16 scatter: it converts the whole ring to
+    float32, scatters there and converts back, i.e. two float32 copies of every layer's ring per step.)"""
+    B, T = slots.shape
+
+    def one(i, kv):
+        ks, vs = kv
+        b, t = i // T, i % T
+        kn = jax.lax.dynamic_slice(k, (b, t, 0, 0), (1, 1) + k.shape[2:])[:, 0, :, :, None]  # [1, H, D, 1]
+        vn = jax.lax.dynamic_slice(v, (b, t, 0, 0), (1, 1) + v.shape[2:])[:, 0, :, None, :]  # [1, H, 1, D]
+        slot = slots[b, t]
+        return (jax.lax.dynamic_update_slice(ks, kn, (b, 0, 0, slot)),
+                jax.lax.dynamic_update_slice(vs, vn, (b, 0, slot, 0)))
+
+    return jax.lax.fori_loop(0, B * T, one, (keys, values))
 
 
 def _chunk_size(capacity: int, max_chunk: int = _CHUNK) -> int:
@@ -86,14 +108,15 @@ def prefix_sizes(capacity: int, smallest: int = _PREFIX) -> tuple[int, ...]:
     return (*sizes, capacity)
 
 
-def _attend_prefix(q: Array, cache: KVCache, q_pos: Array, causal: bool, context: int | None,
-                   smallest: int = _PREFIX) -> Array:
-    """`attend` for one layer's own ring: read only the prefix of slots that can be written (static sizes
-    picked with `lax.switch`; slots fill from 0 up until the ring is full), the whole ring in place once full.
-    No chunk copies: a slice that is the whole buffer is read where it is."""
+def _attend_layer(q: Array, cache: KVCache, q_pos: Array, causal: bool, context: int | None,
+                  smallest: int = _PREFIX) -> Array:
+    """`attend` for one layer's own ring, read in place (no chunk copies; a slice that is the whole buffer is
+    read where it is). `backend.choices().ring_attention`: "prefix" reads only the prefix of slots that can
+    be written (static sizes picked with `lax.switch`; slots fill from 0 up until the ring is full), the
+    whole ring once full; "whole" always reads the whole ring (masked)."""
     B, T, H, D = q.shape
     C = cache.positions.shape[-1]
-    sizes = prefix_sizes(C, smallest)
+    sizes = prefix_sizes(C, smallest) if backend.choices().ring_attention == "prefix" else (C,)
     scale = 1.0 / math.sqrt(D)
     dtype = q.dtype
 
@@ -127,11 +150,11 @@ def attend(q: Array, cache: KVCache, q_pos: Array, causal: bool, context: int | 
 
     Only the slots that can hold a written key are read (slots fill from 0 up: positions p <= max(q_pos)
     live in slots <= p while the ring is not full), so the cost grows with the stream's length up to the
-    capacity instead of always paying for the whole ring. A layer's own ring (`layer` None) is read as a
-    prefix (`_attend_prefix`); a stacked ring in chunks with an online softmax. Scores and softmax in
+    capacity instead of always paying for the whole ring. A layer's own ring (`layer` None) is read in place
+    (`_attend_layer`); a stacked ring in chunks with an online softmax. Scores and softmax in
     float32."""
     if layer is None:
-        return _attend_prefix(q, cache, q_pos, causal, context, min_prefix)
+        return _attend_layer(q, cache, q_pos, causal, context, min_prefix)
     B, T, H, D = q.shape
     C = cache.positions.shape[-1]
     S = _chunk_size(C, max_chunk)

@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moshi_jax.nn import backend
+
 Array = jax.Array
 
 
@@ -74,12 +76,13 @@ def _dot_f32(spec: str, a: Array, b: Array) -> Array:
 
 
 def _transposed(a: Array, perm: list[int], contract_moved: bool) -> Array:
-    """`jnp.transpose(a, perm)`, materialised on CPU when it moves the contracted axes: XLA:CPU would
+    """`jnp.transpose(a, perm)`, materialised on CPU (`backend.choices().materialize_transposes`) when it
+    moves the contracted axes: XLA:CPU would
     otherwise fold the transpose into the dot's operand layout, and its kernels run a left operand with the
     contracted axes outermost (a weight gradient: tokens contracted) at half speed. A gather with indices XLA
     cannot see through writes the transposed copy (cheap: activations, not weights)."""
     a = jnp.transpose(a, perm)
-    if not contract_moved or jax.default_backend() != "cpu":
+    if not contract_moved or not backend.choices().materialize_transposes:
         return a
     rows = jax.lax.optimization_barrier(jnp.arange(a.shape[0], dtype=jnp.int32))
     return jnp.take(a, rows, axis=0, mode="clip")

@@ -29,3 +29,9 @@ def test_tiny_lm_train_step_compiles_for_v5e_2x2_with_donated_sharded_state():
     assert r["argument_size_in_bytes"] >= per_device_state
     assert r["alias_size_in_bytes"] >= 0.9 * per_device_state
     assert r["argument_size_in_bytes"] < 0.75 * r["train_state_bytes_total"]  # sharded, not replicated
+    # roofline against v5e's peaks: the slower of compute and HBM time, and the MFU that implies
+    rf = r["roofline"]
+    assert r["bytes_accessed_per_device_step"] > 0
+    assert rf["roofline_s"] == max(rf["compute_s"], rf["memory_s"]) > 0
+    assert abs(rf["compute_s"] - r["flops_per_device_step"] / 197e12) < 1e-12
+    assert 0 < rf["implied_mfu"] <= 1.5

@@ -1,0 +1,43 @@
+"""The roofline arithmetic of train/tpu_aot.py (no compile needed): time at the chip's peaks, implied MFU, and the
+sessions a chip holds and serves from two compiled batch sizes."""
+
+from __future__ import annotations
+
+import pytest
+
+from train import tpu_aot
+
+
+def test_roofline_is_the_slower_of_compute_and_memory_time_at_the_chips_peaks():
+    peak, bw, _ = tpu_aot.chip_peaks("v5p:2x2x1")
+    r = tpu_aot.roofline_seconds("v5p:2x2x1", flops=peak * 0.002, bytes_accessed=bw * 0.010)
+    assert r["bound"] == "memory" and r["roofline_s"] == pytest.approx(0.010)
+    r = tpu_aot.roofline_seconds("v5e:2x2", flops=197e12, bytes_accessed=0.819e12 * 0.5)
+    assert r["bound"] == "compute" and r["roofline_s"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no peak figures"):
+        tpu_aot.chip_peaks("v9z:2x2")
+
+
+def test_train_roofline_implies_the_mfu_of_the_model_flops_over_all_chips():
+    peak = tpu_aot.chip_peaks("v5p:2x2x2")[0]
+    # 8 chips, each doing 1 s of work at peak (compute-bound); the model needs 80% of the FLOPs XLA counts
+    r = tpu_aot.train_roofline("v5p:2x2x2", flops_per_device=peak, bytes_per_device=1.0,
+                               model_flops=0.8 * 8 * peak, num_devices=8, frames_per_step=16 * 1250)
+    assert r["roofline_s"] == pytest.approx(1.0) and r["implied_mfu"] == pytest.approx(0.8)
+    assert r["frames_per_s"] == pytest.approx(20000)
+
+
+def test_sessions_per_chip_is_the_smaller_of_what_fits_the_hbm_and_what_runs_in_real_time():
+    gib = 2**30
+
+    def point(b, t):
+        return {"argument_size_in_bytes": (16 + 1.5 * b) * gib, "output_size_in_bytes": 1.5 * b * gib,
+                "alias_size_in_bytes": 1.5 * b * gib, "temp_size_in_bytes": 0.5 * gib, "state_bytes": 1.5 * b * gib,
+                "roofline_s": t}
+
+    res = {"per_batch": {"1": point(1, 0.010), "32": point(32, 0.041)}}  # +1 ms per session
+    s = tpu_aot.sessions_per_chip(res, hbm=95 * gib)
+    assert s["bytes_per_extra_session"] == pytest.approx(1.5 * gib)
+    assert s["sessions_fit_hbm"] == 52  # (95 - 16.5) / 1.5 = 52.3
+    assert s["sessions_real_time_roofline"] == 71  # 32 + (80 - 41) ms / 1 ms
+    assert s["sessions_per_chip"] == 52
