@@ -566,7 +566,8 @@ def _add_serve(sub) -> None:
         model = str(args.weights_dir) if args.weights_dir else f"random {args.preset} model (seed {args.seed})"
         serve(engine, engine.prepare_params(params, consume=True), host=args.host, port=args.port,
               max_sessions=args.max_sessions, sock=sock, max_queue=args.max_queue,
-              idle_timeout_s=args.idle_timeout or None, heartbeat_s=args.heartbeat or None, static_dir=args.static, model_name=model)
+              idle_timeout_s=args.idle_timeout or None, heartbeat_s=args.heartbeat or None,
+              static_dir=args.static, model_name=model)
 
     p = sub.add_parser(
         "serve", help="websocket server speaking the reference Moshi protocol (several clients batched)",
