@@ -25,9 +25,17 @@ def _setup_logging(verbose: bool) -> None:
 # ---------------------------------------------------------------------------------------------- codec
 
 
-def _mimi_config(preset: str):
+def _mimi_config(preset: str, weights: str | None = None):
+    """The preset's MimiConfig, or the config saved beside trained weights (`<weights stem>.json`)."""
+    from moshi_jax.mimi import checkpoint as mimi_ckpt
     from moshi_jax.mimi.config import MimiConfig
 
+    try:
+        beside = mimi_ckpt.config_beside(weights)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    if beside is not None:
+        return beside
     return MimiConfig() if preset == "released" else MimiConfig.tiny()
 
 
@@ -36,7 +44,7 @@ def _load_codec(weights: str | None, seed: int, preset: str = "released"):
     from moshi_jax.mimi import checkpoint as mimi_ckpt
     from moshi_jax.mimi.model import MimiCodec
 
-    cfg = _mimi_config(preset)
+    cfg = _mimi_config(preset, weights)
     codec = MimiCodec(cfg)
     try:
         params = mimi_ckpt.load_or_random(weights, cfg, seed)
@@ -121,7 +129,8 @@ def cmd_codec(args: argparse.Namespace) -> None:
     from moshi_jax.audio import save_audio
     wav = None
     if args.codec_cmd in ("encode", "roundtrip"):
-        wav = _read_audio(args.input, _mimi_config(args.preset).sample_rate)  # read first: bad input fails fast
+        # read first: bad input fails fast
+        wav = _read_audio(args.input, _mimi_config(args.preset, args.weights).sample_rate)
     cfg, codec, params = _load_codec(args.weights, args.seed, args.preset)
     if args.codec_cmd == "decode":
         try:
@@ -154,8 +163,9 @@ def _add_codec(sub) -> None:
     csub = p.add_subparsers(dest="codec_cmd", required=True)
 
     def common(q):
-        q.add_argument("--weights", help="reference Mimi safetensors (tokenizer-e351c8d8-checkpoint125.safetensors); "
-                                         "without it a seeded random model is used (with a warning)")
+        q.add_argument("--weights", help="reference Mimi safetensors (tokenizer-e351c8d8-checkpoint125.safetensors, "
+                                         "or a codec trained by `moshi-jax train mimi*`: its mimi.json beside it "
+                                         "gives the config); without it a seeded random model is used (warning)")
         q.add_argument("--seed", type=int, default=0, help="seed of the random model when --weights is absent")
         q.add_argument("--preset", choices=("released", "tiny"), default="released",
                        help="Mimi configuration (tiny: a small random codec for smoke tests)")
@@ -187,7 +197,7 @@ def _add_train(sub) -> None:
 
     def cmd_train(args: argparse.Namespace) -> None:
         from moshi_jax.training import config as config_lib
-        from moshi_jax.training import train_lm
+        from moshi_jax.training import train_lm, train_mimi
         from moshi_jax.training.checkpointing import CheckpointMismatchError
 
         if args.list_configs:
@@ -204,10 +214,11 @@ def _add_train(sub) -> None:
             name = args.config
         user_errors: tuple[type[Exception], ...] = (config_lib.ConfigError, CheckpointMismatchError)
         try:  # unusable data sources are user errors too
+            from moshi_jax.data.codec_audio import CodecDataError
             from moshi_jax.data.pipeline import DataConfigError
             from moshi_jax.data.records import RecordError
 
-            user_errors += (DataConfigError, RecordError)
+            user_errors += (DataConfigError, RecordError, CodecDataError)
         except ImportError:
             pass
         try:
@@ -216,7 +227,7 @@ def _add_train(sub) -> None:
                 print(config_lib.to_json(cfg))
                 return
             train_lm.setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-            train_lm.run(cfg)
+            (train_mimi.run if cfg.program == "mimi" else train_lm.run)(cfg)  # dispatch on the program kind
         except user_errors as e:
             raise CLIError(str(e)) from e
 
@@ -232,6 +243,7 @@ def _add_train(sub) -> None:
                "  moshi-jax train tiny steps=500 optimizer.lr=1e-3 run_dir=runs/t2\n"
                "  moshi-jax train --config configs/7b.py init_from=model.safetensors data.sources=/data/a:1.0\n"
                "  moshi-jax train 100m --print-config               # the resolved config as JSON\n"
+               "  moshi-jax train mimi_tiny                         # train the Mimi codec (program=mimi)\n"
                "keys: any field of moshi_jax.training.config.TrainConfig as section.field=value "
                "(model.<field> overrides the LM config)")
     p.add_argument("config", nargs="?", default=None,
