@@ -524,12 +524,16 @@ def build_mimi_config(cfg: TrainConfig):
     if cfg.model.preset not in presets:
         raise ConfigError(f"model.preset {cfg.model.preset!r} unknown for program=mimi; Mimi presets: {presets}")
     mimi = MimiConfig() if cfg.model.preset == "released" else getattr(MimiConfig, cfg.model.preset)()
+    # All overrides at once (validated together: e.g. sample_rate and ratios only fit each other).
+    fields, hints, values = {f.name for f in dataclasses.fields(MimiConfig)}, typing.get_type_hints(MimiConfig), {}
     for key, raw in cfg.model.overrides:
-        try:
-            mimi = override(mimi, key, raw, "model.")
-        except ConfigError as e:
-            raise ConfigError(f"{e} (MimiConfig override)") from None
-    return mimi
+        if key not in fields:
+            raise ConfigError(f"unknown config key 'model.{key}' for program=mimi; MimiConfig fields: {sorted(fields)}")
+        values[key] = parse_value(raw, hints[key], f"model.{key}")
+    try:
+        return dataclasses.replace(mimi, **values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model overrides {dict(cfg.model.overrides)}: {e} (MimiConfig)") from None
 
 
 def main_overrides(argv: typing.Sequence[str]) -> tuple[str, list[str]]:

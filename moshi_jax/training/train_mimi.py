@@ -27,6 +27,7 @@ mimi_config=json.load(...))` loads it; `moshi-jax codec ... --weights` and `mosh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -301,6 +302,37 @@ def make_codec_eval_step(model: CodecModel):
     return eval_step
 
 
+@dataclasses.dataclass(frozen=True)
+class CodecFunctions:
+    model: CodecModel
+    tx_g: Any
+    tx_d: Any
+    train: Any  # (state, batch, frozen) -> (state, metrics)
+    eval: Any  # (state, batch, frozen) -> metrics
+    build: Any  # (gen params, key) -> CodecTrainState
+
+
+@functools.lru_cache(maxsize=8)
+def codec_functions(mcfg: MimiConfig, ccfg: CodecConfig, opt: OptimizerConfig, disc_opt: OptimizerConfig,
+                    steps: int, seq_frames: int, compute_dtype: str) -> CodecFunctions:
+    """The pure functions of a codec run, cached per settings: a later `CodecSteps` with the same settings (a
+    resumed run, another mesh) wraps the SAME functions, so jit's caches (trace, compile) serve it."""
+    model = CodecModel(mcfg, ccfg, compute_dtype)
+    tx_g, tx_d = make_optimizer(opt, steps), make_optimizer(disc_opt, steps)
+    T = seq_frames * mcfg.frame_size
+
+    def build(gen, key) -> CodecTrainState:
+        k_disc, k_state = jax.random.split(key)
+        disc = model.disc.init(k_disc, jnp.zeros((1, T), jnp.float32))["params"]
+        balancer = {"sum": {k: jnp.float32(0.0) for k in model.weights}, "count": jnp.float32(0.0)}
+        return CodecTrainState(step=jnp.zeros((), jnp.int32), gen=gen, gen_opt=tx_g.init(gen), disc=disc,
+                               disc_opt=tx_d.init(disc), vq=model.init_vq(),
+                               ema=jax.tree.map(lambda p: p + 0.0, gen), balancer=balancer, rng=k_state)
+
+    return CodecFunctions(model, tx_g, tx_d, make_codec_train_step(model, tx_g, tx_d, make_schedule(opt, steps)),
+                          make_codec_eval_step(model), build)
+
+
 class CodecSteps(ProgramSteps):
     """The codec's state spec, sharded init and jitted steps for the shared loop."""
 
@@ -310,10 +342,9 @@ class CodecSteps(ProgramSteps):
         from moshi_jax.training.step import _MeshRules
 
         self.cfg, self.mcfg, self.mesh, self.rules = cfg, mcfg, mesh, rules
-        self.model = model = CodecModel(mcfg, cfg.codec, cfg.compute_dtype)
-        self.tx_g = make_optimizer(cfg.optimizer, cfg.steps)
-        self.tx_d = make_optimizer(disc_optimizer_config(cfg), cfg.steps)
-        schedule = make_schedule(cfg.optimizer, cfg.steps)
+        fns = codec_functions(mcfg, cfg.codec, cfg.optimizer, disc_optimizer_config(cfg), cfg.steps,
+                              cfg.data.seq_frames, cfg.compute_dtype)
+        self.model, self.tx_g, self.tx_d = fns.model, fns.tx_g, fns.tx_d
 
         boxed = MimiCodec(mcfg).param_axes()
         axes = {k: v for k, v in lora_lib.logical_axes(boxed).items() if not is_codebook(k)}
@@ -326,7 +357,7 @@ class CodecSteps(ProgramSteps):
         gen_sh = logical_shardings(axes, mesh, rules, abstract_gen)
         self.gen_shardings = gen_sh
         rep = replicated(mesh)
-        abstract = jax.eval_shape(self._build, abstract_gen, jax.ShapeDtypeStruct((2,), jnp.uint32))
+        abstract = jax.eval_shape(fns.build, abstract_gen, jax.ShapeDtypeStruct((2,), jnp.uint32))
         state_sh = CodecTrainState(
             step=rep, gen=gen_sh, gen_opt=opt_state_shardings(self.tx_g, abstract.gen_opt, gen_sh, mesh),
             disc=jax.tree.map(lambda _: rep, abstract.disc), disc_opt=jax.tree.map(lambda _: rep, abstract.disc_opt),
@@ -339,23 +370,12 @@ class CodecSteps(ProgramSteps):
             int(np.prod(s.embed_sum.shape)) for s in abstract.vq.values())
         self.n_trainable = count_params(abstract.gen) + count_params(abstract.disc)
         self._ctx = lambda: _MeshRules(mesh, rules)
-        self._train = jax.jit(make_codec_train_step(model, self.tx_g, self.tx_d, schedule),
+        self._train = jax.jit(fns.train,
                               in_shardings=(state_sh, batch_shardings, None), out_shardings=(state_sh, rep),
                               donate_argnums=(0,))
-        self._eval = jax.jit(make_codec_eval_step(model), in_shardings=(state_sh, batch_shardings, None),
+        self._eval = jax.jit(fns.eval, in_shardings=(state_sh, batch_shardings, None),
                              out_shardings=rep)
-        self._init_rest = jax.jit(self._build, out_shardings=state_sh)
-
-    def _build(self, gen, key) -> CodecTrainState:
-        """The whole state from the generator params (traceable)."""
-        k_disc, k_state = jax.random.split(key)
-        T = self.cfg.data.seq_frames * self.mcfg.frame_size
-        disc = self.model.disc.init(k_disc, jnp.zeros((1, T), jnp.float32))["params"]
-        weights = self.model.weights
-        balancer = {"sum": {k: jnp.float32(0.0) for k in weights}, "count": jnp.float32(0.0)}
-        return CodecTrainState(step=jnp.zeros((), jnp.int32), gen=gen, gen_opt=self.tx_g.init(gen), disc=disc,
-                               disc_opt=self.tx_d.init(disc), vq=self.model.init_vq(),
-                               ema=jax.tree.map(lambda p: p + 0.0, gen), balancer=balancer, rng=k_state)
+        self._init_rest = jax.jit(fns.build, out_shardings=state_sh)
 
     def initial_gen(self) -> Any:
         """Generator params: Mimi drawn on the host (`host_init`), or `init_from` (a reference Mimi), and the

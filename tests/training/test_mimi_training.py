@@ -20,7 +20,8 @@ MICRO = ["model.preset=tiny", "model.sample_rate=1600", "model.ratios=4,2", "mod
          "data.seq_frames=4", "data.batch_size=8", "codec.disc_scales=32", "codec.disc_filters=4",
          "codec.mel_scales=32", "codec.n_mels=8", "codec.teacher_dim=8", "codec.kmeans_iters=3",
          "codec.dead_code_every=2", "codec.mel_weight=1", "codec.l1_weight=0.1", "compute_dtype=float32",
-         "metrics.progress_bar=false", "metrics.tensorboard=false", "metrics.log_every=1", "checkpoint.every=1",
+         "mesh.data=2", "mesh.fsdp=4", "metrics.progress_bar=false", "metrics.tensorboard=false",
+         "metrics.log_every=1", "checkpoint.every=1",
          "checkpoint.async_save=false"]
 
 
@@ -58,7 +59,7 @@ def _run(steps, n):
 def test_sharded_gan_step_equals_the_single_device_step():
     """3 steps (k-means init of both levels, a dead-code check, quantizer dropout, bypass, both optimizers) on a
     (data 2, fsdp 4) mesh of 8 devices and on 1 device give the same metrics and state."""
-    cfg = micro_config("codec.q_dropout=true", "codec.no_quantization_rate=0.5")
+    cfg = micro_config("codec.q_dropout=true", "codec.no_quantization_rate=0.5", "steps=3")  # = the loop runs
     one, h1 = _run(_steps(cfg, make_mesh((1, 1, 1), devices=jax.devices()[:1])), 3)
     eight, h8 = _run(_steps(cfg, make_mesh((2, 4, 1))), 3)
     assert jax.device_count() == 8
@@ -107,6 +108,7 @@ def test_kill_and_resume_equals_the_uninterrupted_run(straight_run, codec_data, 
 
     program = train_mimi.mimi_program(cfg, mcfg)
     killed = train_loop(cfg, program, make_mesh((2, 4, 1)), train_mimi.codec_rules(cfg), stop_after=1)
+    # (the same mesh as the runs: every run here shares one compiled step)
     assert killed["end_step"] == 1
     resumed = train_mimi.run(cfg)  # a fresh program and steps: restores the state and the data position
     assert resumed["start_step"] == 1 and resumed["end_step"] == 3
