@@ -143,6 +143,28 @@ def compile_lm(config: str, overrides: list[str], topology: str, mesh_shape: tup
     }
 
 
+def compile_codec(config: str, overrides: list[str], topology: str, mesh_shape: tuple[int, ...] | None = None,
+                  batch_size: int | None = None) -> dict:
+    """The same for a codec config (program=mimi): moshi_jax.training.train_mimi.aot_compile_codec."""
+    from moshi_jax.training import config as config_lib
+    from moshi_jax.training.train_mimi import aot_compile_codec
+
+    cfg = config_lib.load_config(config, overrides)
+    if batch_size is not None:
+        cfg = config_lib.apply_overrides(cfg, [f"data.batch_size={batch_size}"])
+    mesh, kind = _topology_mesh(topology, mesh_shape or (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    return {**aot_compile_codec(cfg, mesh), "config": config, "overrides": overrides, "topology": topology,
+            "device_kind": kind}
+
+
+def _compile(config: str, overrides: list[str], topology: str, mesh_shape, batch_size) -> dict:
+    """Dispatch on the config's program kind (lm | mimi)."""
+    from moshi_jax.training import config as config_lib
+
+    program = config_lib.load_config(config, overrides, check_model=False).program
+    return (compile_codec if program == "mimi" else compile_lm)(config, overrides, topology, mesh_shape, batch_size)
+
+
 def _in_tpu_venv() -> bool:
     try:
         import libtpu  # noqa: F401
@@ -208,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     # Compile-only use never touches a chip: let several such processes run at once (libtpu otherwise takes
     # /tmp/libtpu_lockfile and a second process fails).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    result = compile_lm(args.config, args.overrides, args.topology, _parse_mesh(args.mesh), args.batch_size)
+    result = _compile(args.config, args.overrides, args.topology, _parse_mesh(args.mesh), args.batch_size)
     print(format_summary(result), file=sys.stderr)
     text = json.dumps(result)
     if args.json:

@@ -524,3 +524,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
 if __name__ == "__main__":
     main()
     sys.exit(0)
+
+
+def aot_compile_codec(cfg: TrainConfig, mesh) -> dict:
+    """Lower + compile the codec train step for `mesh` (e.g. TPU topology devices on a CPU host) from abstract
+    shapes only; XLA's per-device memory analysis and flops, and the state sizes."""
+    import math
+
+    from moshi_jax.training.step import cost_flops, memory_stats
+
+    mcfg = config_lib.build_mimi_config(cfg)
+    batch_sh = codec_batch_shardings(mesh)
+    steps = CodecSteps(cfg, mcfg, mesh, codec_rules(cfg), batch_sh)
+    B, F = cfg.data.batch_size, cfg.data.seq_frames
+    batch = {"wav": jax.ShapeDtypeStruct((B, 1, F * mcfg.frame_size), jnp.float32, sharding=batch_sh["wav"]),
+             "teacher": jax.ShapeDtypeStruct((B, F, cfg.codec.teacher_dim), jnp.float32,
+                                             sharding=batch_sh["teacher"])}
+    t0 = time.perf_counter()
+    compiled = steps.lower(steps.abstract_state, batch).compile()
+    seconds = time.perf_counter() - t0
+    mem = memory_stats(compiled)
+    state_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(steps.abstract_state))
+    return {"config": cfg.name, "program": "mimi", "mesh": {k: int(v) for k, v in mesh.shape.items()},
+            "batch": [B, 1, F * mcfg.frame_size], "compute_dtype": cfg.compute_dtype, "remat": cfg.remat,
+            "lora": False, "microbatches": 1, "params": steps.n_params, "trainable_params": steps.n_trainable,
+            "train_state_bytes_total": state_bytes, "frozen_bytes_total": 0,
+            "flops_per_device_step": cost_flops(compiled), "model_flops_per_step": 0.0,
+            "compile_seconds": seconds, "num_devices": mesh.size,
+            "peak_bytes_per_device_estimate": mem.get("argument_size_in_bytes", 0)
+            + mem.get("output_size_in_bytes", 0) - mem.get("alias_size_in_bytes", 0)
+            + mem.get("temp_size_in_bytes", 0), **mem}
