@@ -158,3 +158,23 @@ def test_codec_cli_reads_the_trained_codec_and_its_config(straight_run, tmp_path
     out = tmp_path / "out.wav"
     assert main(["codec", "roundtrip", str(src), "-o", str(out), "--weights", str(weights)]) in (0, None)
     assert load_audio(out, 1600).shape[1] == 64
+
+
+def test_tokenize_job_loads_the_trained_codec_with_its_config(straight_run):
+    from moshi_jax.data import tokenize
+
+    run_dir, _ = straight_run
+    codec, params, desc = tokenize.load_mimi(Path(run_dir) / "export" / "mimi.safetensors")
+    assert codec.cfg == config_lib.build_mimi_config(micro_config()) and not desc["random"]
+    codes = codec.encode(params, _batch(micro_config(), 2)["wav"][:1], 3)
+    assert codes.shape == (1, 3, 4)
+
+
+def test_mimi_program_rejects_bad_codec_settings():
+    with pytest.raises(config_lib.ConfigError, match="codec.adversarial"):
+        micro_config("codec.adversarial=wgan")
+    with pytest.raises(config_lib.ConfigError, match="MimiConfig"):
+        micro_config("model.sample_rate=1000")
+    with pytest.raises(config_lib.ConfigError, match="every loss on the audio"):
+        train_mimi.loss_weights(micro_config("codec.adv_weight=0", "codec.feat_weight=0", "codec.mel_weight=0",
+                                             "codec.l1_weight=0").codec)
