@@ -57,14 +57,14 @@ def heldout_files(cfg, limit: int) -> list[Path]:
     return codec_audio.list_audio(cfg.data.eval_sources[0].path)[:limit]
 
 
-def evaluate_codec(steps, state, files, mcfg) -> dict:
-    """Mean mel distance and SI-SNR of the (EMA) generator's round trip over `files`."""
+def evaluate_codec(steps, state, files, mcfg, ema: bool = True) -> dict:
+    """Mean mel distance and SI-SNR of the (EMA, or raw with ema=False) generator's round trip over `files`."""
     import jax
     import jax.numpy as jnp
 
     from moshi_jax.audio import load_audio
 
-    gen = state.ema if steps.cfg.codec.weight_ema > 0 else state.gen
+    gen = state.ema if ema and steps.cfg.codec.weight_ema > 0 else state.gen
     if not hasattr(steps, "_bench_recon"):  # compiled once for all evaluations
         steps._bench_recon = jax.jit(lambda g, vq, w: steps.model.reconstruct(g["mimi"], vq, w))
     recon = steps._bench_recon
@@ -85,7 +85,7 @@ def evaluate_codec(steps, state, files, mcfg) -> dict:
 def baseline(files, mcfg, bitrate: float) -> dict:
     from moshi_jax.audio import load_audio
 
-    best = None
+    results = []
     for bits in (2, 3, 4, 6, 8):
         mel, snr = [], []
         for f in files:
@@ -97,9 +97,9 @@ def baseline(files, mcfg, bitrate: float) -> dict:
              "si_snr": float(np.mean(snr))}
         log.info("mu-law baseline %d bits at %d Hz: mel %.3f, SI-SNR %.2f dB", bits, r["rate_hz"], r["mel_distance"],
                  r["si_snr"])
-        if best is None or r["mel_distance"] < best["mel_distance"]:
-            best = r
-    return best
+        results.append(r)
+    best = min(results, key=lambda r: r["mel_distance"])
+    return {**best, "best_si_snr": max(r["si_snr"] for r in results), "all": results}
 
 
 def run_learning(steps_total: int, every: int, run_dir: Path, overrides: list[str], n_files: int) -> dict:
@@ -155,6 +155,26 @@ def run_learning(steps_total: int, every: int, run_dir: Path, overrides: list[st
             "train_wall_s": wall, "params": steps.n_params, "export": report.get("export")}
 
 
+def evaluate_run(run_dir: Path, overrides: list[str], n_files: int) -> dict:
+    """Held-out metrics of a finished run's latest checkpoint, with the EMA and with the raw generator weights."""
+    import jax
+
+    from moshi_jax.training import config as config_lib
+    from moshi_jax.training import train_mimi
+    from moshi_jax.training.checkpointing import Checkpointer
+
+    cfg = train_mimi.prepare_codec_data(config_lib.load_config("mimi_tiny", [f"run_dir={run_dir}"] + overrides))
+    mcfg = config_lib.build_mimi_config(cfg)
+    mesh = train_mimi.build_mesh(cfg)
+    steps = train_mimi.CodecSteps(cfg, mcfg, mesh, train_mimi.codec_rules(cfg), train_mimi.codec_batch_shardings(mesh))
+    with Checkpointer(cfg.checkpoint_dir) as ckpt:
+        step = ckpt.latest_step()
+        state = jax.device_get(ckpt.restore(step, steps.abstract_state))
+    files = heldout_files(cfg, n_files)
+    return {"step": step, "ema": evaluate_codec(steps, state, files, mcfg, ema=True),
+            "raw": evaluate_codec(steps, state, files, mcfg, ema=False)}
+
+
 def aot_released(topology: str) -> dict:
     """The released-size Mimi training step (configs/mimi.py) compiled for a TPU topology (in .venv-tpu)."""
     import subprocess
@@ -199,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/codec_learning"))
     p.add_argument("--aot-topology", default=None, help="also AOT-compile the released-size step (e.g. v5e:2x2)")
     p.add_argument("--aot-only", action="store_true")
+    p.add_argument("--eval-only", action="store_true",
+                   help="held-out metrics of --run-dir's latest checkpoint (EMA and raw weights); no training")
     p.add_argument("overrides", nargs="*", help="mimi_tiny config overrides key=value")
     args = p.parse_args(argv)
     from moshi_jax.training.loop import setup_logging
@@ -206,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result: dict = {}
+    if args.eval_only:
+        result = evaluate_run(args.run_dir, args.overrides, args.files)
+        args.out.with_name(args.out.name + "_final_eval.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return 0
     if not args.aot_only:
         result = run_learning(args.steps, args.every, args.run_dir, args.overrides, args.files)
         plot(result, args.out.with_suffix(".png"))

@@ -273,8 +273,11 @@ def make_codec_train_step(model: CodecModel, tx_g, tx_d, schedule):
 
         g_updates, gen_opt = tx_g.update(g_gen, state.gen_opt, state.gen)
         gen = optax.apply_updates(state.gen, g_updates)
-        d = c.weight_ema
-        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, gen) if d > 0 else gen
+        # Weight EMA with a warm-up (TF ExponentialMovingAverage's num_updates): decay min(d, (1+t)/(10+t)), so a
+        # short run's EMA is not dominated by the random initialisation.
+        t = state.step.astype(jnp.float32)
+        d = jnp.minimum(c.weight_ema, (1.0 + t) / (10.0 + t))
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, gen) if c.weight_ema > 0 else gen
         total = direct + sum(weights[k] * v for k, v in losses.items())
         out = {"loss": total, "d_loss": d_loss, "grad_norm": optax.tree.norm(g_gen),
                "d_grad_norm": optax.tree.norm(d_grads), "lr": schedule(state.step)}
