@@ -223,7 +223,7 @@ def section_latency(args, sec: Section) -> None:
 # ---------------------------------------------------------------------------------------------- codec
 
 
-def _load_mimi(weights_dir: str | None):
+def _load_mimi(weights_dir: str | None, codec_weights: str | None = None):
     """(cfg, our params, reference state dict as numpy, description)."""
     import jax
 
@@ -231,6 +231,10 @@ def _load_mimi(weights_dir: str | None):
     from moshi_jax.mimi.config import MimiConfig
     from moshi_jax.mimi.model import MimiCodec
 
+    if codec_weights:  # a codec trained by `moshi-jax train mimi*` (its mimi.json beside it)
+        cfg = mimi_ckpt.config_beside(codec_weights) or MimiConfig()
+        params = mimi_ckpt.load_reference(str(codec_weights), cfg)
+        return cfg, params, mimi_ckpt.to_reference_state_dict(params, cfg), f"trained Mimi {codec_weights}"
     cfg = MimiConfig()
     if weights_dir:
         from moshi_jax.lm.checkpoint import read_repo
@@ -247,7 +251,7 @@ def section_codec(args, sec: Section) -> None:
     from moshi_jax.mimi.model import MimiCodec
 
     utts = eval_utterances(4 if args.quick else 12)
-    cfg, params, ref_sd, what = _load_mimi(args.weights_dir)
+    cfg, params, ref_sd, what = _load_mimi(args.weights_dir, getattr(args, "codec_weights", None))
     codec = MimiCodec(cfg)
     K = cfg.num_codebooks
     T = max(a.size for _, _, a in utts)
@@ -633,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (report.md, results.json, *.png)")
     p.add_argument("--weights-dir", default=None, help="downloaded Kyutai repository (default: random weights)")
+    p.add_argument("--codec-weights", default=None,
+                   help="codec section: a trained Mimi (moshi-jax train mimi*: export/mimi.safetensors + mimi.json)")
     p.add_argument("--asr-weights-dir", default=None, help="STT repository for the ASR section and the TTS judge "
                                                            "(default: --weights-dir)")
     p.add_argument("--quick", action="store_true", help="fewer timed frames (10) and utterances (3-4)")

@@ -99,9 +99,17 @@ def _resolve_hub(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- codec
 
 
-def _mimi_config(preset: str):
+def _mimi_config(preset: str, weights: str | None = None):
+    """The preset's MimiConfig, or the config saved beside trained weights (`<weights stem>.json`)."""
+    from moshi_jax.mimi import checkpoint as mimi_ckpt
     from moshi_jax.mimi.config import MimiConfig
 
+    try:
+        beside = mimi_ckpt.config_beside(weights)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    if beside is not None:
+        return beside
     return MimiConfig() if preset == "released" else MimiConfig.tiny()
 
 
@@ -110,7 +118,7 @@ def _load_codec(weights: str | None, seed: int, preset: str = "released"):
     from moshi_jax.mimi import checkpoint as mimi_ckpt
     from moshi_jax.mimi.model import MimiCodec
 
-    cfg = _mimi_config(preset)
+    cfg = _mimi_config(preset, weights)
     codec = MimiCodec(cfg)
     try:
         params = mimi_ckpt.load_or_random(weights, cfg, seed)
@@ -202,10 +210,10 @@ def cmd_codec(args: argparse.Namespace) -> None:
     from moshi_jax.io_atomic import atomic_path
 
     # every argument, path and input is checked before the codec is built
-    cfg = _mimi_config(args.preset)
+    _input_file("--weights", args.weights)
+    cfg = _mimi_config(args.preset, args.weights)
     _output_file(args.output)
     _at_least("--chunk-frames", args.chunk_frames, 1)
-    _input_file("--weights", args.weights)
     k = cfg.num_codebooks if getattr(args, "num_codebooks", None) is None else args.num_codebooks
     if not 1 <= k <= cfg.n_q:
         raise CLIError(f"--num-codebooks must be in 1..{cfg.n_q}, got {k}")
@@ -244,9 +252,10 @@ def _add_codec(sub) -> None:
     csub = p.add_subparsers(dest="codec_cmd", required=True)
 
     def common(q):
-        q.add_argument("--weights", help="reference Mimi safetensors (tokenizer-e351c8d8-checkpoint125.safetensors), "
-                                         "a local path or hf://ORG/NAME/FILE; without it (and --hf-repo) a seeded "
-                                         "random model is used (with a warning)")
+        q.add_argument("--weights", help="reference Mimi safetensors (tokenizer-e351c8d8-checkpoint125.safetensors) "
+                                         "or a codec trained by `moshi-jax train mimi*` (its mimi.json beside it "
+                                         "gives the config), a local path or hf://ORG/NAME/FILE; without it (and "
+                                         "--hf-repo) a seeded random model is used (with a warning)")
         _add_hub_args(q, "the Mimi weights (its config.json mimi_name)")
         q.add_argument("--seed", type=int, default=0, help="seed of the random model when --weights is absent")
         q.add_argument("--preset", choices=("released", "tiny"), default="released",
@@ -280,7 +289,7 @@ def _add_train(sub) -> None:
 
     def cmd_train(args: argparse.Namespace) -> None:
         from moshi_jax.training import config as config_lib
-        from moshi_jax.training import train_lm
+        from moshi_jax.training import train_lm, train_mimi
         from moshi_jax.training.checkpointing import CheckpointCorruptError, CheckpointMismatchError
         from moshi_jax.training.loop import TrainingDivergedError
 
@@ -301,10 +310,11 @@ def _add_train(sub) -> None:
         user_errors: tuple[type[Exception], ...] = (config_lib.ConfigError, CheckpointMismatchError,
                                                     NonFiniteError)  # NaN in init_from's weights
         try:  # unusable data sources are user errors too
+            from moshi_jax.data.codec_audio import CodecDataError
             from moshi_jax.data.pipeline import DataConfigError
             from moshi_jax.data.records import RecordError
 
-            user_errors += (DataConfigError, RecordError)
+            user_errors += (DataConfigError, RecordError, CodecDataError)
         except ImportError:
             pass
         if args.hf_repo is not None:  # the repository's LM weights (its config.json moshi_name) as init_from
@@ -321,7 +331,7 @@ def _add_train(sub) -> None:
             from moshi_jax.training import distributed
 
             distributed.join(cfg)  # multi-process runs (TPU pod, SLURM, explicit): before any JAX backend use
-            train_lm.run(cfg)
+            (train_mimi.run if cfg.program == "mimi" else train_lm.run)(cfg)  # dispatch on the program kind
         except user_errors as e:
             raise CLIError(str(e)) from e
         except (TrainingDivergedError, CheckpointCorruptError) as e:
@@ -339,6 +349,7 @@ def _add_train(sub) -> None:
                "  moshi-jax train tiny steps=500 optimizer.lr=1e-3 run_dir=runs/t2\n"
                "  moshi-jax train --config configs/7b.py init_from=model.safetensors data.sources=/data/a:1.0\n"
                "  moshi-jax train 100m --print-config               # the resolved config as JSON\n"
+               "  moshi-jax train mimi_tiny                         # train the Mimi codec (program=mimi)\n"
                "several hosts (TPU pod slice, SLURM, MOSHI_JAX_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID): run the same "
                "command on every host (README: Several hosts)\n"
                "keys: any field of moshi_jax.training.config.TrainConfig as section.field=value "

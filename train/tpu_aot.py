@@ -281,6 +281,28 @@ def sessions_per_chip(res: dict, hbm: float, frame_s: float = 0.080) -> dict:
             "sessions_per_chip": None if fit is None or real_time is None else max(0, min(fit, real_time))}
 
 
+def compile_codec(config: str, overrides: list[str], topology: str, mesh_shape: tuple[int, ...] | None = None,
+                  batch_size: int | None = None) -> dict:
+    """The same for a codec config (program=mimi): moshi_jax.training.train_mimi.aot_compile_codec."""
+    from moshi_jax.training import config as config_lib
+    from moshi_jax.training.train_mimi import aot_compile_codec
+
+    cfg = config_lib.load_config(config, overrides)
+    if batch_size is not None:
+        cfg = config_lib.apply_overrides(cfg, [f"data.batch_size={batch_size}"])
+    mesh, kind = _topology_mesh(topology, mesh_shape or (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    return {**aot_compile_codec(cfg, mesh), "config": config, "overrides": overrides, "topology": topology,
+            "device_kind": kind}
+
+
+def _compile(config: str, overrides: list[str], topology: str, mesh_shape, batch_size) -> dict:
+    """Dispatch on the config's program kind (lm | mimi)."""
+    from moshi_jax.training import config as config_lib
+
+    program = config_lib.load_config(config, overrides, check_model=False).program
+    return (compile_codec if program == "mimi" else compile_lm)(config, overrides, topology, mesh_shape, batch_size)
+
+
 def _in_tpu_venv() -> bool:
     try:
         import libtpu  # noqa: F401
@@ -363,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "engine":
         result = compile_engine(args.preset, args.topology, args.batches, args.kernels)
     else:
-        result = compile_lm(args.config, args.overrides, args.topology, _parse_mesh(args.mesh), args.batch_size)
+        result = _compile(args.config, args.overrides, args.topology, _parse_mesh(args.mesh), args.batch_size)
         print(format_summary(result), file=sys.stderr)
     text = json.dumps(result)
     if args.json:

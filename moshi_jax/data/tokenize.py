@@ -413,12 +413,22 @@ def mimi_config(preset: str):
     return MimiConfig() if preset == "released" else MimiConfig.tiny()
 
 
+def _codec_config(weights, preset: str):
+    """A codec trained by `moshi-jax train mimi*` carries its config beside its weights; else the preset's."""
+    from moshi_jax.mimi import checkpoint as mimi_ckpt
+
+    try:
+        return mimi_ckpt.config_beside(weights) or mimi_config(preset)
+    except ValueError as e:
+        raise TokenizeError(str(e)) from e
+
+
 def load_mimi(weights: str | Path | None = None, preset: str = "released", seed: int = 0):
     """(codec, params, description dict). Without weights: a seeded random Mimi, with a loud warning."""
     from moshi_jax.mimi import checkpoint as mimi_ckpt
     from moshi_jax.mimi.model import MimiCodec
 
-    cfg = mimi_config(preset)
+    cfg = _codec_config(weights, preset)
     codec = MimiCodec(cfg)
     try:
         params = mimi_ckpt.load_or_random(weights, cfg, seed, flag="--mimi-weights",
@@ -480,7 +490,8 @@ def tokenize_dataset(manifest: str | Path, out_dir: str | Path, *, mimi_weights:
     else:
         log.warning("no text tokenizer given: every text stream will be -1 (no text input, no text loss)")
     try:
-        (mimi[0].cfg if mimi is not None else mimi_config(mimi_preset)).check_num_codebooks(opts.num_codebooks)
+        (mimi[0].cfg if mimi is not None else _codec_config(mimi_weights, mimi_preset)
+         ).check_num_codebooks(opts.num_codebooks)
     except ValueError as e:
         raise TokenizeError(f"--num-codebooks: {e}") from e
     codec, params, mimi_desc = mimi if mimi is not None else load_mimi(mimi_weights, mimi_preset, mimi_seed)

@@ -324,3 +324,57 @@ def load_or_random(weights: str | Path | None, cfg: MimiConfig, seed: int, *, fl
         return load_reference(str(path), cfg)
     except (ValueError, KeyError, OSError) as e:
         raise ValueError(f"cannot load Mimi weights from {path}: {e}") from e
+
+
+def config_path_for(weights: str | Path) -> Path:
+    """Where a trained codec's `mimi_config` json sits: beside the weights, same stem (`mimi.json`)."""
+    return Path(weights).with_suffix(".json")
+
+
+_FIXED_REFERENCE = {  # settings of the reference's mimi_config that this implementation hard-codes
+    ("seanet", "causal"): True, ("seanet", "norm"): "none", ("seanet", "pad_mode"): "constant",
+    ("seanet", "true_skip"): True, ("seanet", "activation"): "ELU", ("seanet", "disable_norm_outer_blocks"): 0,
+    ("transformer", "causal"): True, ("transformer", "gating"): "none", ("transformer", "norm"): "layer_norm",
+    ("transformer", "positional_embedding"): "rope", ("transformer", "conv_layout"): True,
+}
+
+
+def config_from_reference(d: Mapping[str, Any]) -> MimiConfig:
+    """The MimiConfig of a reference `mimi_config` dict (inverse of `reference_config`); settings this
+    implementation does not support are a ValueError naming them."""
+    try:
+        s, q, t = d["seanet"], d["quantizer"], d["transformer"]
+        bad = [f"{a}.{b}={d[a].get(b)!r}" for (a, b), v in _FIXED_REFERENCE.items() if b in d[a] and d[a][b] != v]
+        if s["dimension"] != t["d_model"] or q["input_dimension"] != s["dimension"]:
+            bad.append("seanet.dimension / transformer.d_model / quantizer.input_dimension differ")
+        if bad:
+            raise ValueError(f"unsupported mimi_config settings: {', '.join(bad)}")
+        n_q = int(q["n_q"])
+        return MimiConfig(
+            sample_rate=int(d["sample_rate"]), channels=int(d["channels"]), frame_rate=float(d["frame_rate"]),
+            dimension=int(s["dimension"]), n_filters=int(s["n_filters"]),
+            n_residual_layers=int(s["n_residual_layers"]), ratios=tuple(int(r) for r in s["ratios"]),
+            kernel_size=int(s["kernel_size"]), residual_kernel_size=int(s["residual_kernel_size"]),
+            last_kernel_size=int(s["last_kernel_size"]), dilation_base=int(s["dilation_base"]),
+            compress=int(s["compress"]), num_heads=int(t["num_heads"]), num_layers=int(t["num_layers"]),
+            dim_feedforward=int(t["dim_feedforward"]), context=int(t["context"]),
+            layer_scale=float(t["layer_scale"]), max_period=float(t["max_period"]),
+            codebook_dim=int(q["dimension"]), n_q=n_q, n_q_semantic=int(q["n_q_semantic"]), bins=int(q["bins"]),
+            num_codebooks=min(8, n_q))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"not a reference mimi_config dict (missing or bad {e})") from e
+
+
+def config_beside(weights: str | Path | None) -> MimiConfig | None:
+    """The MimiConfig stored beside a trained codec's weights (`config_path_for`), None when there is none."""
+    if weights is None:
+        return None
+    path = config_path_for(weights)
+    if not path.is_file():
+        return None
+    import json
+
+    try:
+        return config_from_reference(json.loads(path.read_text()))
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from e

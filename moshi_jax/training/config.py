@@ -209,8 +209,70 @@ DISTRIBUTED_MODES = ("auto", "on", "off")
 
 
 @dataclasses.dataclass(frozen=True)
+class CodecConfig:
+    """Mimi (codec) training, used when `program="mimi"` (see moshi_jax.training.train_mimi; spec 1.5, 4.6).
+
+    The codec's architecture is `model.preset` (`released` or a `MimiConfig` classmethod, e.g. `tiny`) with
+    `model.<MimiConfig field>=value` overrides; the segment length is `data.seq_frames` 80 ms frames; the
+    generator's optimizer is `optimizer`, the discriminator's is AdamW with the `disc_*` fields below."""
+
+    # --- multi-scale STFT discriminator: one 2-D conv net per FFT size (hop = n_fft / 4, Hann window)
+    disc_scales: tuple[int, ...] = (2048, 1024, 512, 256, 128)
+    disc_filters: int = 32
+    disc_lr: float = 3e-4
+    disc_b1: float = 0.5
+    disc_b2: float = 0.9
+    # --- generator losses
+    adversarial: str = "hinge"  # hinge | lsgan
+    adv_weight: float = 3.0
+    feat_weight: float = 3.0  # feature matching (L1 between discriminator activations, relative to |real|)
+    mel_weight: float = 0.0  # multi-scale log-mel L1 reconstruction: off in the paper's recipe (ablations)
+    l1_weight: float = 0.0  # waveform L1 reconstruction: off in the paper's recipe (ablations)
+    mel_scales: tuple[int, ...] = (512, 1024, 2048)  # FFT sizes of the mel loss (hop = n_fft / 4)
+    n_mels: int = 64
+    # "balancer": the losses on the output audio are combined through their gradients w.r.t. the audio, each
+    # normalised by an EMA of its norm then weighted (EnCodec's balancer); "fixed": plain weighted sum.
+    loss_weighting: str = "balancer"
+    balancer_decay: float = 0.999
+    commit_weight: float = 1.0  # VQ commitment loss (MSE(x, sg(q)))
+    distill_weight: float = 1.0  # semantic distillation (1 - cosine), 0 disables
+    # --- quantizer training (reference core_vq.EuclideanCodebook / vq.ResidualVectorQuantizer)
+    ema_decay: float = 0.99
+    kmeans_iters: int = 50
+    dead_code_every: int = 5  # check for unused codes every N steps
+    dead_code_threshold: float = 0.1  # replace codes with usage < threshold x uniform usage
+    replaced_usage_ratio: float = 1.0
+    q_dropout: bool = True  # acoustic levels per step drawn uniformly in 1..n_q_acoustic
+    no_quantization_rate: float = 0.5  # per-sequence probability of bypassing the quantizer (paper: ~50 %)
+    # --- semantic distillation teacher: "logmel" (built-in deterministic log-mel features, a stand-in for
+    # WavLM), "precomputed" (`<audio>.teacher.npy` beside every audio file, e.g. WavLM features at any rate)
+    teacher: str = "logmel"
+    teacher_dim: int = 64  # feature width (logmel: its number of mel bands)
+    # --- weight EMA of the generator (exported); 0 disables
+    weight_ema: float = 0.999
+
+    def __post_init__(self):
+        _positive(self, "disc_filters", "disc_lr", "n_mels", "teacher_dim", "kmeans_iters", "dead_code_every")
+        for key, allowed in (("adversarial", ("hinge", "lsgan")), ("loss_weighting", ("balancer", "fixed")),
+                             ("teacher", ("logmel", "precomputed"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"codec.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if not self.disc_scales:
+            raise ConfigError("codec.disc_scales must name at least one FFT size")
+        if not 0 <= self.no_quantization_rate < 1:
+            raise ConfigError(f"codec.no_quantization_rate must be in [0, 1), got {self.no_quantization_rate}")
+        for key in ("ema_decay", "weight_ema", "balancer_decay"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"codec.{key} must be in [0, 1), got {getattr(self, key)}")
+
+
+PROGRAMS = ("lm", "mimi")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     name: str = "run"
+    program: str = "lm"  # what is trained: lm (the Moshi LM, `model` = an LMConfig) | mimi (`model` = a MimiConfig)
     run_dir: str = ""  # "" -> runs/<name>
     steps: int = 100  # optimizer steps in the whole run (the schedule's length)
     seed: int = 0
@@ -237,9 +299,12 @@ class TrainConfig:
     lora: LoraConfig = LoraConfig()
     metrics: MetricsConfig = MetricsConfig()
     distributed: DistributedConfig = DistributedConfig()
+    codec: CodecConfig = CodecConfig()
 
     def __post_init__(self):
         _positive(self, "steps")
+        if self.program not in PROGRAMS:
+            raise ConfigError(f"program must be one of {PROGRAMS}, got {self.program!r}")
         for key in ("compute_dtype", "param_dtype"):
             if getattr(self, key) not in DTYPES:
                 raise ConfigError(f"{key} must be one of {DTYPES}, got {getattr(self, key)!r}")
@@ -311,7 +376,7 @@ def load_config(name: str, overrides: typing.Sequence[str] = (), check_model: bo
     are validated by building the LM config (needs moshi_jax.lm)."""
     cfg = apply_overrides(get_preset(name), overrides)
     if check_model:
-        build_lm_config(cfg)
+        build_mimi_config(cfg) if cfg.program == "mimi" else build_lm_config(cfg)
     return cfg
 
 
@@ -498,6 +563,27 @@ def _apply_compute_settings(lm: Any, cfg: TrainConfig) -> Any:
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             updates[f.name] = _apply_compute_settings(value, cfg)
     return dataclasses.replace(lm, **updates) if updates else lm
+
+
+def build_mimi_config(cfg: TrainConfig):
+    """The MimiConfig of a codec run: `model.preset` (`released` = the released codec, or a MimiConfig
+    classmethod such as `tiny`) with `model.overrides`. Raises ConfigError for an unknown preset or field."""
+    from moshi_jax.mimi.config import MimiConfig
+
+    presets = ["released"] + sorted(n for n, v in vars(MimiConfig).items() if isinstance(v, classmethod))
+    if cfg.model.preset not in presets:
+        raise ConfigError(f"model.preset {cfg.model.preset!r} unknown for program=mimi; Mimi presets: {presets}")
+    mimi = MimiConfig() if cfg.model.preset == "released" else getattr(MimiConfig, cfg.model.preset)()
+    # All overrides at once (validated together: e.g. sample_rate and ratios only fit each other).
+    fields, hints, values = {f.name for f in dataclasses.fields(MimiConfig)}, typing.get_type_hints(MimiConfig), {}
+    for key, raw in cfg.model.overrides:
+        if key not in fields:
+            raise ConfigError(f"unknown config key 'model.{key}' for program=mimi; MimiConfig fields: {sorted(fields)}")
+        values[key] = parse_value(raw, hints[key], f"model.{key}")
+    try:
+        return dataclasses.replace(mimi, **values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model overrides {dict(cfg.model.overrides)}: {e} (MimiConfig)") from None
 
 
 def main_overrides(argv: typing.Sequence[str]) -> tuple[str, list[str]]:

@@ -31,7 +31,8 @@ import numpy as np
 log = logging.getLogger("moshi_jax.export")
 
 # kind -> "module:function"; a program kind is the saved config's "program" entry (default "lm").
-EXPORTERS: dict[str, str] = {"lm": "moshi_jax.training.export:export_lm"}
+EXPORTERS: dict[str, str] = {"lm": "moshi_jax.training.export:export_lm",
+                             "mimi": "moshi_jax.training.train_mimi:export_checkpoint"}
 DTYPES = ("float32", "bfloat16")
 
 

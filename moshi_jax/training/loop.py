@@ -4,6 +4,10 @@ A `Program` is what one model family brings (moshi_jax.training.train_lm for the
 loss), checkpointable data iterators (Grain), and optional init / export hooks. `train_loop` owns everything
 else: the sharded state spec, the jitted train / eval steps with explicit shardings and donated state, resume
 from the latest Orbax checkpoint (data order included), metrics, the report.
+
+A program whose update is not "one loss, one optimizer" (Mimi's GAN: generator + discriminator, two optimizers,
+codebook EMAs) brings its own `ProgramSteps` through `Program.build_steps` instead of a `TrainTask`
+(moshi_jax.training.train_mimi); everything else in the loop is shared.
 """
 
 from __future__ import annotations
@@ -44,11 +48,76 @@ class TrainingDivergedError(RuntimeError):
     """A step's loss or gradient norm was NaN/inf under nan_policy=stop, or the params to export are not finite."""
 
 
+class ProgramSteps:
+    """A program's state and jitted steps, as the loop drives them. `TaskSteps` builds them from a `TrainTask`
+    (one loss, one optimizer: the LM); a program with its own update (a GAN) returns its own from
+    `Program.build_steps(cfg, mesh, rules)`. The state is one pytree, checkpointed whole; `frozen` is an extra
+    per-run tree (LoRA's frozen base) that is passed to the steps but not checkpointed ({} when unused)."""
+
+    abstract_state: Any  # ShapeDtypeStructs carrying the state's shardings (restore target)
+    n_params: int
+    n_trainable: int
+
+    def init(self) -> tuple[Any, Any]:
+        """-> (state, frozen), created with their shardings."""
+        raise NotImplementedError
+
+    def frozen_for_resume(self) -> Any:
+        """The non-checkpointed `frozen` tree of a resumed run."""
+        return {}
+
+    def train(self, state, batch: dict, frozen) -> tuple[Any, dict]:
+        raise NotImplementedError
+
+    def evaluate(self, state, batch: dict, frozen) -> dict:
+        raise NotImplementedError
+
+    def export_params(self, state, frozen) -> Any:
+        """The params handed to `Program.export` (float32, device arrays)."""
+        raise NotImplementedError
+
+
+class TaskSteps(ProgramSteps):
+    """The steps of a `TrainTask` program: sharded state spec, `make_train_step` / `make_eval_step`."""
+
+    def __init__(self, cfg: TrainConfig, program: Program, mesh: Mesh, rules):
+        self.cfg, self.program = cfg, program
+        self.tx = make_optimizer(cfg.optimizer, cfg.steps)
+        schedule = make_schedule(cfg.optimizer, cfg.steps)
+        self.spec = spec = build_state_spec(program.task, self.tx, mesh, rules, cfg.lora)
+        batch_sh = program.batch_shardings(mesh)
+        self._train = ShardedStep(make_train_step(program.task, spec.partition, self.tx, schedule,
+                                                  microbatches=cfg.optimizer.microbatches,
+                                                  compute_dtype=cfg.compute_dtype), spec, batch_sh)
+        self._eval = ShardedStep(make_eval_step(program.task, spec.partition, cfg.compute_dtype), spec, batch_sh,
+                                 donate=False, returns_state=False)
+        self.abstract_state = spec.abstract_state
+        self.n_params = count_params(spec.abstract_params)
+        self.n_trainable = count_params(spec.abstract_state.params)
+
+    def init(self):
+        return _initial_state(self.cfg, self.program, self.spec, self.tx)
+
+    def frozen_for_resume(self):
+        if self.spec.partition.is_lora:  # the frozen base is not checkpointed: rebuild it from the init source
+            return _initial_state(self.cfg, self.program, self.spec, self.tx)[1]
+        return {}
+
+    def train(self, state, batch, frozen):
+        return self._train(state, batch, frozen)
+
+    def evaluate(self, state, batch, frozen):
+        return self._eval(state, batch, frozen)
+
+    def export_params(self, state, frozen):
+        return export_params(self.spec, state, frozen)
+
+
 @dataclasses.dataclass
 class Program:
     """What `train_loop` needs from a model family."""
 
-    task: TrainTask
+    task: TrainTask | None  # None when `build_steps` is given
     batch_shardings: Callable[[Mesh], dict[str, NamedSharding]]  # {batch key fed to the step: sharding}
     train_iter: Callable[[], Iterator[dict]]  # a fresh, checkpointable (Grain) iterator of host batches
     eval_iter: Callable[[], Iterator[dict]] | None = None
@@ -59,6 +128,8 @@ class Program:
     # LoRA runs with init_params: the initial LoRA tree (e.g. an imported adapter) for the run's ParamPartition;
     # None: fresh factors (B = 0).
     init_lora: Callable[[Any], Any] | None = None
+    # The program's own state and steps (cfg, mesh, rules) -> ProgramSteps; None: `TaskSteps` of `task`.
+    build_steps: Callable[[TrainConfig, Mesh, Any], ProgramSteps] | None = None
 
 
 def to_global(batch: dict, shardings: dict[str, NamedSharding]) -> dict:
@@ -90,15 +161,9 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
             f"data.batch_size {cfg.data.batch_size} / optimizer.microbatches {cfg.optimizer.microbatches} = "
             f"{per_microbatch} rows per microbatch, not divisible by the {batch_divisor(mesh)} batch shards of mesh "
             f"{dict(mesh.shape)} (data x fsdp)")
-    tx = make_optimizer(cfg.optimizer, cfg.steps)
-    schedule = make_schedule(cfg.optimizer, cfg.steps)
-    spec = build_state_spec(program.task, tx, mesh, rules, cfg.lora)
+    steps = TaskSteps(cfg, program, mesh, rules) if program.build_steps is None else program.build_steps(
+        cfg, mesh, rules)
     batch_sh = program.batch_shardings(mesh)
-    step_fn = ShardedStep(make_train_step(program.task, spec.partition, tx, schedule,
-                                          microbatches=cfg.optimizer.microbatches,
-                                          compute_dtype=cfg.compute_dtype), spec, batch_sh)
-    eval_fn = ShardedStep(make_eval_step(program.task, spec.partition, cfg.compute_dtype), spec, batch_sh,
-                          donate=False, returns_state=False)
 
     ckpt = Checkpointer(cfg.checkpoint_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
@@ -108,16 +173,14 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
     if latest is not None:
         _check_resumable(cfg, ckpt.saved_config(latest), ckpt.directory / str(latest))
         distributed.check_data_state(ckpt.directory / str(latest))
-        if spec.partition.is_lora:  # the frozen base is not checkpointed: rebuild it from the init source
-            _, frozen = _initial_state(cfg, program, spec, tx)
-        state = ckpt.restore(latest, spec.abstract_state, it)
+        frozen = steps.frozen_for_resume()
+        state = ckpt.restore(latest, steps.abstract_state, it)
         logger.info("resumed from %s at step %d", ckpt.directory, latest)
     else:
-        state, frozen = _initial_state(cfg, program, spec, tx)
+        state, frozen = steps.init()
     start_step = int(state.step)
 
-    n_params = count_params(spec.abstract_params)
-    n_trainable = count_params(spec.abstract_state.params)
+    n_params, n_trainable = steps.n_params, steps.n_trainable
     peak = cfg.metrics.peak_flops_per_device or guess_peak_flops()
     logger.info("model params %.3gM, trainable %.3gM, mesh %s, devices %d", n_params / 1e6, n_trainable / 1e6,
                 dict(mesh.shape), mesh.size)
@@ -135,7 +198,7 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
                 batch = next(it)
             except StopIteration:
                 raise RuntimeError(f"training data exhausted at step {step}; make the pipeline repeat") from None
-            state, metrics = step_fn(state, to_global(batch, batch_sh), frozen)
+            state, metrics = steps.train(state, to_global(batch, batch_sh), frozen)
             step += 1
             steps_since_sync += 1
             pending.append((step, metrics))
@@ -159,7 +222,8 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
                     mlog.log(s, m)
                 pending = []
             if cfg.eval_every and program.eval_iter is not None and (step % cfg.eval_every == 0 or step == end):
-                mlog.log(step, _evaluate(eval_fn, state, frozen, program, batch_sh, cfg.eval_batches), "eval")
+                mlog.log(step, _evaluate(steps.evaluate, state, frozen, program, batch_sh, cfg.eval_batches),
+                         "eval")
         if step not in ckpt.all_steps():
             ckpt.save(step, state, it, config_json, force=True)
     finally:
@@ -168,7 +232,7 @@ def train_loop(cfg: TrainConfig, program: Program, mesh: Mesh, rules, *, stop_af
 
     exported: list[Path] = []
     if step >= cfg.steps and program.export is not None:
-        params = distributed.to_host(export_params(spec, state, frozen))  # every process takes part
+        params = distributed.to_host(steps.export_params(state, frozen))  # every process takes part
         exported = _export(program, params, run_dir / "export") if primary else []
     report = _report(cfg, mlog.history, step_times, program, peak, mesh, start_step, step, n_params, n_trainable,
                      exported, time.perf_counter() - t_start)
