@@ -115,13 +115,14 @@ class MetricsLogger:
         self.history: list[dict] = []
         # Every record as a JSON line (appended across resumes; a re-run step's later line wins): the run's
         # metric history on disk, e.g. for `moshi-jax export --best`.
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")  # closed in close()
+        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a") if primary else None  # closed in close()
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self.history.append({"prefix": prefix, **record})
-        self.jsonl.write(json.dumps({"prefix": prefix, **record}) + "\n")
-        self.jsonl.flush()
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"prefix": prefix, **record}) + "\n")
+            self.jsonl.flush()
         if self.writer is not None:
             for k, v in metrics.items():
                 self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
@@ -132,7 +133,8 @@ class MetricsLogger:
             logger.info(format_line(prefix, step, record))
 
     def close(self) -> None:
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
