@@ -19,7 +19,8 @@ class NonFiniteError(ValueError):
     """An array holds NaN or inf values (the message names it and counts them)."""
 
 
-def _name(path) -> str:
+def path_name(path) -> str:
+    """A jax tree path as 'a/b/0' (dict keys, attribute names, sequence indices)."""
     parts = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -35,7 +36,7 @@ def _named_leaves(tree: Any) -> Iterable[tuple[str, Any]]:
     import jax
 
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return ((_name(p), v) for p, v in leaves)
+    return ((path_name(p), v) for p, v in leaves)
 
 
 def count_nonfinite(x: Any) -> int:

@@ -37,6 +37,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from moshi_jax.finite import path_name
+
 STATE, DATA, CONFIG = "state", "data_iter", "config"
 SEAL = "integrity.json"  # per-step checksums, written last
 DAMAGED = "damaged"  # steps that failed verification are moved here
@@ -100,22 +102,10 @@ def verify_step(step_dir: str | Path) -> str | None:
     return None
 
 
-def _path_str(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ("name", "key", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
 def _flat(tree) -> dict[str, Any]:
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(
         x, "dtype"))[0]
-    return {_path_str(p): v for p, v in leaves}
+    return {path_name(p): v for p, v in leaves}
 
 
 class Checkpointer:

@@ -532,10 +532,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return run(config_lib.load_config(name, overrides))
 
 
-if __name__ == "__main__":
-    main()
-    sys.exit(0)
-
 
 def aot_compile_codec(cfg: TrainConfig, mesh) -> dict:
     """Lower + compile the codec train step for `mesh` (e.g. TPU topology devices on a CPU host) from abstract
@@ -589,3 +585,8 @@ def export_checkpoint(req, saved: dict, step: int):
         state = ckpt.restore(step, steps.abstract_state)
     params = jax.device_get(steps.export_params(state, {}))
     return ExportResult(kind="mimi", step=step, files=export_codec(params, mcfg, Path(req.out_dir)))
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
