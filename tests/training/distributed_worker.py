@@ -5,7 +5,7 @@ its own XLA_FLAGS device count and MOSHI_JAX_COORDINATOR / _NUM_PROCESSES / _PRO
     python distributed_worker.py shards OUT_JSON EPOCHS [config] key=value ...   # this process's training windows
 
 `--kill-at STEP` SIGKILLs the process when the loop is about to save step STEP, once step STEP - 1's checkpoint
-is complete (a preemption at a known point). `shards` joins the run, builds the training pipeline of the config
+is complete and sealed (a preemption at a known point). `shards` joins the run, builds the training pipeline of the config
 and writes the `window` ids of the rows this process loads in EPOCHS epochs of the (single) source.
 """
 
@@ -24,7 +24,7 @@ def _kill_at(step: int) -> None:
 
     def save_or_die(self, s, *args, **kwargs):
         if int(s) == step:
-            self.manager.wait_until_finished()  # step - 1 is on disk (every process waits for it)
+            self.wait()  # step - 1 is on disk and sealed (every process waits for it)
             os.kill(os.getpid(), signal.SIGKILL)
         return save(self, s, *args, **kwargs)
 
