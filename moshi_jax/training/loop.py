@@ -12,6 +12,7 @@ codebook EMAs) brings its own `ProgramSteps` through `Program.build_steps` inste
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import logging
@@ -48,7 +49,7 @@ class TrainingDivergedError(RuntimeError):
     """A step's loss or gradient norm was NaN/inf under nan_policy=stop, or the params to export are not finite."""
 
 
-class ProgramSteps:
+class ProgramSteps(abc.ABC):
     """A program's state and jitted steps, as the loop drives them. `TaskSteps` builds them from a `TrainTask`
     (one loss, one optimizer: the LM); a program with its own update (a GAN) returns its own from
     `Program.build_steps(cfg, mesh, rules)`. The state is one pytree, checkpointed whole; `frozen` is an extra
@@ -58,23 +59,27 @@ class ProgramSteps:
     n_params: int
     n_trainable: int
 
+    @abc.abstractmethod
     def init(self) -> tuple[Any, Any]:
         """-> (state, frozen), created with their shardings."""
-        raise NotImplementedError
+        ...
 
     def frozen_for_resume(self) -> Any:
         """The non-checkpointed `frozen` tree of a resumed run."""
         return {}
 
+    @abc.abstractmethod
     def train(self, state, batch: dict, frozen) -> tuple[Any, dict]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def evaluate(self, state, batch: dict, frozen) -> dict:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def export_params(self, state, frozen) -> Any:
         """The params handed to `Program.export` (float32, device arrays)."""
-        raise NotImplementedError
+        ...
 
 
 class TaskSteps(ProgramSteps):
