@@ -356,7 +356,9 @@ class Engine:
             lm=gen.init_gen_state(lm, batch_size, c.pad_bias, c.sampling if c.item_sampling else None),
             rng=jax.random.PRNGKey(c.seed) if key is None else key,
             frame=jnp.zeros((batch_size,), jnp.int32),
-            history=jnp.zeros((batch_size, self.num_codebooks, lm.max_delay + 1), jnp.int32),
+            # at least 2 frames: the STT feeding reads index 1 (an index past the end would be clamped to the
+            # newest frame by jax, silently feeding the audio one frame early)
+            history=jnp.zeros((batch_size, self.num_codebooks, max(lm.max_delay + 1, 2)), jnp.int32),
             tts=tts_sm.init_tts_state(batch_size, words, toks, c.tts_initial_padding),
         )
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from moshi_jax.data import pipeline
+from moshi_jax.data.tokenize import calibrate_codebooks
 from moshi_jax.engine.engine import Engine, EngineConfig, preset_configs, random_lm_params
 from moshi_jax.lm import model as M
 from moshi_jax.lm.config import TINY_KWARGS, LMConfig
@@ -91,7 +92,14 @@ def test_asr_text_is_the_forward_argmax_stt_layout():
     mimi_cfg, _ = preset_configs("tiny")
     engine, params = _make(_stt_config(mimi_cfg.bins), seed=5)
     assert engine.num_codebooks == 8 and engine.lm_cfg.dep_q == 0
-    wav = _audio(1, 1)
+    # loudness that changes per frame, and codebooks fitted to this audio (as `data tokenize` does): codes that
+    # vary from frame to frame, so feeding a frame early or late changes the transcript (an unfitted random
+    # Mimi gives near-constant codes, which hid a one-frame offset)
+    rng = np.random.default_rng(1)
+    wav = (_audio(1, 1) * np.repeat(rng.uniform(0.05, 1.0, N), 1920)[None]).astype(np.float32)
+    params["mimi"] = calibrate_codebooks(engine.codec, params["mimi"], wav[:, None])
+    codes = np.asarray(engine.codec.encode_stream(params["mimi"], wav[:, None], engine.num_codebooks))
+    assert (np.diff(codes[0], axis=-1) != 0).any(axis=0).sum() >= 2  # the codes change between frames
     _check_against_forward(engine, params, wav, _run(engine, params, wav))
 
 
