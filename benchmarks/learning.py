@@ -242,7 +242,8 @@ def bench_asr(args, mimi_cfg, mimi_params, tok) -> dict:
         wavs, vwavs = _wavs(items), _wavs(voices)
         refs, vrefs = [it["text"] for it in items], [it["text"] for it in voices]
         curve = []
-        for s in run_steps(args.asr_run):
+        steps = [s for s in run_steps(args.asr_run) if s > 1 and (not args.curve_steps or s in args.curve_steps)]
+        for s in steps:
             _, _, p, _ = load_model(args.asr_run, s)
             ps = {"mimi": mimi_params, "lm": p}
             point = {"step": s, "wer_seen_voices": wer(refs, transcribe(engine, ps, wavs, args.batch)),
@@ -303,6 +304,41 @@ def bench_tts(args, mimi_cfg, mimi_params, tok, asr) -> dict:
     }
     log.info("TTS: %s", {k: v for k, v in result.items() if not k.startswith("examples")})
     return result
+
+
+def codec_probe(corpus: Path, pairs: int, num_codebooks: int = 8) -> dict:
+    """Do the corpus's codes carry what was said, across voices? The held-out sentences are spoken once by a seen
+    voice and once by an unseen voice: mean DTW distance between the two renderings of the SAME sentence against
+    renderings of DIFFERENT sentences, on the Mimi codes (one-hot, `num_codebooks` levels) and on the audio's
+    log-mel frames (80 ms hop, per-utterance standardised). Same < different means the representation tells
+    sentences apart whoever speaks them; equal means it mostly encodes the voice."""
+    from moshi_jax.audio import load_audio
+    from moshi_jax.data.records import TokenizedDataset
+    from moshi_jax.eval.speech_metrics import dtw_distance, log_mel
+
+    info = json.loads((corpus / "corpus.json").read_text())
+    a = [c[1:1 + num_codebooks] for c, _ in TokenizedDataset.open(info["tokens"]["heldout_sentences"])][:pairs + 1]
+    b = [c[1:1 + num_codebooks] for c, _ in TokenizedDataset.open(info["tokens"]["heldout_voices"])][:pairs + 1]
+    n = min(pairs, len(a) - 1)
+
+    def onehot(c):
+        out = np.zeros((c.shape[1], c.shape[0] * 64), np.float32)
+        for k in range(c.shape[0]):
+            out[np.arange(c.shape[1]), k * 64 + np.clip(c[k], 0, 63)] = 1
+        return out
+
+    def z(x):
+        return (x - x.mean(0)) / (x.std(0) + 1e-6)
+
+    ia = _utterances(corpus, "heldout_sentences", n + 1)
+    ib = _utterances(corpus, "heldout_voices", n + 1)
+    ma = [z(log_mel(load_audio(x["path"], 24000)[0], 24000, hop=FRAME // 2)) for x in ia]
+    mb = [z(log_mel(load_audio(x["path"], 24000)[0], 24000, hop=FRAME // 2)) for x in ib]
+    return {"pairs": n, "num_codebooks": num_codebooks,
+            "codes_same_sentence": float(np.mean([dtw_distance(onehot(a[i]), onehot(b[i])) for i in range(n)])),
+            "codes_other_sentence": float(np.mean([dtw_distance(onehot(a[i]), onehot(b[i + 1])) for i in range(n)])),
+            "logmel_same_sentence": float(np.mean([dtw_distance(ma[i], mb[i]) for i in range(n)])),
+            "logmel_other_sentence": float(np.mean([dtw_distance(ma[i], mb[i + 1]) for i in range(n)]))}
 
 
 def _plot(result: dict, out_png: Path) -> None:
@@ -381,6 +417,12 @@ def _markdown(result: dict) -> str:
         if "examples_codes" in t:
             lines += ["", "Examples (codes path):", ""]
             lines += [f"- ref `{e['reference']}` / hyp `{e['hypothesis']}`" for e in t["examples_codes"]]
+    if "codec_probe" in result:
+        c = result["codec_probe"]
+        lines += ["", f"Codec probe ({c['pairs']} held-out sentences, each spoken by a seen and an unseen voice; mean "
+                  "DTW distance, same sentence vs a different sentence): Mimi codes "
+                  f"{c['codes_same_sentence']:.3f} vs {c['codes_other_sentence']:.3f}, log-mel "
+                  f"{c['logmel_same_sentence']:.3f} vs {c['logmel_other_sentence']:.3f}."]
     lines += ["", "![learning curves](learning.png)"]
     return "\n".join(lines) + "\n"
 
@@ -395,11 +437,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--no-asr-eval", action="store_true",
                    help="load the ASR model only to score TTS; keep the ASR results already in <out>.json")
     p.add_argument("--curve", action="store_true", help="ASR WER at every saved checkpoint")
+    p.add_argument("--curve-steps", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="comma list of checkpoint steps for the curve (default: every saved one)")
     p.add_argument("--curve-utterances", type=int, default=64, help="utterances per split for the curve")
     p.add_argument("--tts-utterances", type=int, default=64, help="held-out sentences for TTS (default 64)")
     p.add_argument("--dtw-utterances", type=int, default=32, help="TTS utterances scored by DTW (default 32)")
     p.add_argument("--tts-temp", type=float, default=0.7, help="TTS sampling temperature (text and audio)")
     p.add_argument("--batch", type=int, default=32, help="utterances per engine batch")
+    p.add_argument("--probe-pairs", type=int, default=40, help="sentence pairs of the codec probe (default 40)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/learning"),
                    help="output prefix: <out>.json, <out>.md, <out>.png")
@@ -419,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     asr = bench_asr(args, mimi_cfg, mimi_params, tok) if args.asr_run else None
     if asr is not None and not args.no_asr_eval:
         result["asr"] = asr
+        result["codec_probe"] = codec_probe(args.corpus, args.probe_pairs)
+    elif previous.is_file() and "codec_probe" in json.loads(previous.read_text()):
+        result["codec_probe"] = json.loads(previous.read_text())["codec_probe"]
     if args.tts_run:
         result["tts"] = bench_tts(args, mimi_cfg, mimi_params, tok, asr)
     if asr is not None:
