@@ -254,9 +254,23 @@ def bench_asr(args, mimi_cfg, mimi_params, tok) -> dict:
     return result
 
 
-def bench_tts(args, mimi_cfg, mimi_params, tok, asr) -> dict:
+def _codec_roundtrip(codec, mimi_params, wavs: Sequence[np.ndarray], num_codebooks: int
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(codes [K, frames], decoded audio [frames * 1920]) of each recording: one batched call on copies
+    zero-padded to the longest (one compile; the codec is causal, so the padding after a recording does not
+    change its frames), then cut back to each recording's own frames."""
     import jax
 
+    frames = [-(-len(w) // FRAME) for w in wavs]
+    batch = np.zeros((len(wavs), 1, max(frames) * FRAME), np.float32)
+    for i, w in enumerate(wavs):
+        batch[i, 0, :len(w)] = w
+    codes = np.asarray(jax.jit(lambda p, w: codec.encode_stream(p, w, num_codebooks))(mimi_params, batch))
+    audio = np.asarray(jax.jit(codec.decode_stream)(mimi_params, codes))
+    return [(codes[i, :, :f], audio[i, 0, :f * FRAME]) for i, f in enumerate(frames)]
+
+
+def bench_tts(args, mimi_cfg, mimi_params, tok, asr) -> dict:
     from moshi_jax.eval.speech_metrics import mel_dtw_distance, wer
 
     cfg, lm_cfg, lm_params, step = load_model(args.tts_run)
@@ -279,17 +293,13 @@ def bench_tts(args, mimi_cfg, mimi_params, tok, asr) -> dict:
         result["examples_codes"] = _examples(refs, hyps_codes)
         result["examples_audio"] = _examples(refs, hyps_audio)
         # The same ASR on the codec's codes of eSpeak's own rendering: the ceiling of the codes path.
-        codec = engine.codec
         wavs = _wavs(items)
-        enc = jax.jit(lambda p, w: codec.encode_stream(p, w, lm_cfg.dep_q))
-        espeak_codes = [np.asarray(enc(mimi_params, w[None, None, :len(w) - len(w) % FRAME]))[0] for w in wavs]
+        espeak_codes = [c for c, _ in _codec_roundtrip(engine.codec, mimi_params, wavs, lm_cfg.dep_q)]
         result["wer_codes_espeak"] = wer(refs, transcribe_codes(asr_lm_cfg, asr_params["lm"], espeak_codes,
                                                                 asr_delay, tok, args.batch))
     # DTW log-mel distances
-    codec = engine.codec
     wavs = _wavs(items)
-    rt = jax.jit(lambda p, w: codec.decode_stream(p, codec.encode_stream(p, w, lm_cfg.dep_q)))
-    roundtrip = [np.asarray(rt(mimi_params, w[None, None, :len(w) - len(w) % FRAME]))[0, 0] for w in wavs]
+    roundtrip = [w for _, w in _codec_roundtrip(engine.codec, mimi_params, wavs, lm_cfg.dep_q)]
     n = min(len(items), args.dtw_utterances)
     result["dtw"] = {
         "utterances": n,

@@ -2,8 +2,8 @@
 
 Data: `moshi-jax data synth runs/corpus` (see configs/asr_small.py); 8 of the corpus's 16 codebooks. The model
 (`LMConfig.tts_small`: one speaker's 8 codebooks predicted by a depformer, Moshi's acoustic delay) runs through
-the engine's "tts" mode with `text_delay_frames=-2` (`python -m benchmarks.learning`). About 30 minutes on 2
-CPU cores."""
+the engine's "tts" mode with `text_delay_frames=-2` (`python -m benchmarks.learning`). ~3 s per step
+on the shared 2-core CPU: the issue-13 run was stopped at step 420 (README, Learning)."""
 
 from moshi_jax.training.config import (
     CheckpointConfig,
