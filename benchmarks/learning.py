@@ -135,9 +135,11 @@ def transcribe(engine, params, wavs: Sequence[np.ndarray], batch: int = 32) -> l
 
 
 def transcribe_codes(lm_cfg, lm_params, codes: Sequence[np.ndarray], delay: int, tokenizer,
-                     batch: int = 32) -> list[str]:
+                     batch: int = 32, extra_frames: int | None = None) -> list[str]:
     """ASR on Mimi codes [K, N] (no codec): the model's forward on the training grid, greedy text one frame at a
-    time (the engine's ASR step computes the same argmax; tests/engine/test_asr.py)."""
+    time (the engine's ASR step computes the same argmax; tests/engine/test_asr.py). The grid runs
+    `extra_frames` (default `delay + 1`) frames past the longest codes, with no audio input there (-1), so the
+    text of the last frames comes out."""
     import jax
 
     from moshi_jax.data import pipeline
@@ -148,7 +150,7 @@ def transcribe_codes(lm_cfg, lm_params, codes: Sequence[np.ndarray], delay: int,
     out: list[str] = []
     for i in range(0, len(codes), batch):
         chunk = list(codes[i:i + batch])
-        L = max(c.shape[1] for c in chunk) + delay + 1
+        L = max(c.shape[1] for c in chunk) + (delay + 1 if extra_frames is None else extra_frames)
         grid = np.full((batch, 1 + K, L), pipeline.PAD_VALUE, np.int32)
         for b, c in enumerate(chunk):
             grid[b, 1:, :c.shape[1]] = c[:K]
