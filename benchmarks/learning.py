@@ -50,7 +50,7 @@ def load_codec(corpus: Path):
 
     info = json.loads((corpus / "corpus.json").read_text())
     path = Path(info["tokens"]["mimi"])
-    if not path.is_absolute() and not path.is_file():
+    if not path.is_file():  # a corpus moved since it was built: its own codec file
         path = corpus / path.name
     cfg = mimi_ckpt.config_beside(path)
     if cfg is None:
@@ -328,9 +328,8 @@ def codec_probe(corpus: Path, pairs: int, num_codebooks: int = 8) -> dict:
     from moshi_jax.data.records import TokenizedDataset
     from moshi_jax.eval.speech_metrics import dtw_distance, log_mel
 
-    info = json.loads((corpus / "corpus.json").read_text())
-    a = [c[1:1 + num_codebooks] for c, _ in TokenizedDataset.open(info["tokens"]["heldout_sentences"])][:pairs + 1]
-    b = [c[1:1 + num_codebooks] for c, _ in TokenizedDataset.open(info["tokens"]["heldout_voices"])][:pairs + 1]
+    a = [c[1:1 + num_codebooks] for c, _ in TokenizedDataset.open(corpus / "tokens" / "heldout_sentences")]
+    b = [c[1:1 + num_codebooks] for c, _ in TokenizedDataset.open(corpus / "tokens" / "heldout_voices")]
     n = min(pairs, len(a) - 1)
 
     def onehot(c):
