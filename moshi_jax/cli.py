@@ -454,6 +454,21 @@ def _add_data(sub) -> None:
             elif args.data_cmd == "tokenize-text":
                 log.info("wrote %s", tokenize.tokenize_text(args.inputs, args.output, args.tokenizer,
                                                             add_bos_eos=not args.no_bos_eos))
+            elif args.data_cmd == "synth":
+                from moshi_jax.data import speech_corpus
+
+                _at_least("--sentences", args.sentences, 1)
+                _at_least("--heldout-sentences", args.heldout_sentences, 1)
+                _at_least("--per-sentence", args.per_sentence, 1)
+                try:
+                    path = speech_corpus.build_corpus(
+                        args.output, num_sentences=args.sentences, num_heldout=args.heldout_sentences,
+                        seed=args.seed, per_sentence=args.per_sentence, tokenize=not args.no_tokenize,
+                        mimi_preset=args.mimi_preset, mimi_weights=args.mimi_weights,
+                        num_codebooks=args.num_codebooks, progress=not args.no_progress)
+                except ValueError as e:
+                    raise CLIError(str(e)) from e
+                log.info("corpus: %s", path)
             elif args.data_cmd == "builtin":
                 sizes = {k: v for k, v in (("num_dialogues", args.num_dialogues), ("seconds", args.seconds))
                          if v is not None}
@@ -533,6 +548,21 @@ def _add_data(sub) -> None:
     b.add_argument("--num-dialogues", type=int, default=None, help="number of dialogues (default 10)")
     b.add_argument("--seconds", type=float, default=None, help="length of each dialogue (default 15)")
     mimi_args(b)
+
+    y = dsub.add_parser(
+        "synth", help="speech corpus for ASR/TTS learning: generated sentences x eSpeak NG voices, held-out splits",
+        description="Synthesize generated sentences with many eSpeak NG voices (rate and pitch varied), exact word "
+                    "timings, splits train / heldout_sentences (seen voices) / heldout_voices (unseen voices), each "
+                    "its own manifest; then a SentencePiece model, the codec (random Mimi: codebooks fitted to the "
+                    "train audio, saved as mimi.safetensors) and the tokenized splits under OUT/tokens/.")
+    y.add_argument("output", help="output directory")
+    y.add_argument("--sentences", type=int, default=4000, help="train sentences (default 4000)")
+    y.add_argument("--heldout-sentences", type=int, default=200, help="held-out sentences (default 200)")
+    y.add_argument("--per-sentence", type=int, default=1, help="train utterances per sentence (default 1)")
+    y.add_argument("--num-codebooks", type=int, default=16, help="Mimi codebooks tokenized (default 16)")
+    y.add_argument("--no-tokenize", action="store_true", help="only synthesize (manifests + audio + alignments)")
+    mimi_args(y)
+    y.set_defaults(mimi_preset="tiny")
 
     i = dsub.add_parser("inspect", help="summary of a tokenized dataset (counts, config, skipped files)")
     i.add_argument("dataset", help="tokenized dataset directory")

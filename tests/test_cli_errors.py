@@ -110,6 +110,10 @@ CASES = {
     "builtin --seconds -1": (lambda d: ["data", "builtin", "-o", d["out"], "--seconds", "-1"], "--seconds"),
     "builtin --seconds 2": (lambda d: ["data", "builtin", "-o", d["out"], "--seconds", "2"],
                             "seconds must be >= 3"),
+    "synth --sentences 0": (lambda d: ["data", "synth", d["out"], "--sentences", "0"], "--sentences must be >= 1"),
+    "synth --heldout-sentences 0": (lambda d: ["data", "synth", d["out"], "--heldout-sentences", "0"],
+                                    "--heldout-sentences must be >= 1"),
+    "synth output under a file": (lambda d: ["data", "synth", f"{d['file']}/corpus"], "is a file, not a folder"),
     # engine
     "chat -o under a file": (lambda d: ["chat", "-i", d["wav"], "-o", f"{d['file']}/x.wav"], "is a file"),
     "chat -o an existing folder": (lambda d: ["chat", "-i", d["wav"], "-o", d["dir"]], "is an existing folder"),

@@ -157,6 +157,30 @@ class LMConfig:
         """Tiny Moshi-shaped config for tests and smoke runs (released structure and delays)."""
         return cls.from_reference_kwargs(TINY_KWARGS)
 
+    @classmethod
+    def stt_small(cls) -> LMConfig:
+        """Small streaming speech-to-text LM (the reference's STT layout: no depformer, every audio stream an
+        input, all delays 0; the text lag is the data's `text_delay_frames`): 8 codebooks of the tiny Mimi
+        (64 bins; the TTS model's 8, so the ASR model can also read generated codes), dim 192 x 4 layers.
+        Sized for CPU training (configs/asr_small.py)."""
+        return cls.from_reference_kwargs(STT_SMALL_KWARGS)
+
+    @classmethod
+    def stt_base(cls) -> LMConfig:
+        """`stt_small` at dim 512 x 8 layers (configs/asr_gpu.py)."""
+        return cls.from_reference_kwargs(STT_BASE_KWARGS)
+
+    @classmethod
+    def tts_small(cls) -> LMConfig:
+        """Small streaming TTS LM: one speaker's 8 tiny-Mimi codebooks, all predicted by a depformer
+        (n_q == dep_q, Moshi's acoustic delay of 1 frame), dim 192 x 4 layers. CPU (configs/tts_small.py)."""
+        return cls.from_reference_kwargs(TTS_SMALL_KWARGS)
+
+    @classmethod
+    def tts_base(cls) -> LMConfig:
+        """`tts_small` at dim 512 x 8 layers, depformer 256 x 4 (configs/tts_gpu.py)."""
+        return cls.from_reference_kwargs(TTS_BASE_KWARGS)
+
     # ------------------------------------------------------------------ reference kwargs
     @classmethod
     def from_reference_kwargs(cls, kwargs: dict[str, Any]) -> LMConfig:
@@ -294,4 +318,20 @@ TINY_KWARGS: dict[str, Any] = {
     **MOSHI_7B_KWARGS, "dim": 64, "num_heads": 4, "num_layers": 2, "text_card": 512, "context": 256,
     "depformer_dim": 32, "depformer_dim_feedforward": int(4.125 * 32), "depformer_num_heads": 2,
     "depformer_num_layers": 2,
+}
+_SMALL_KWARGS: dict[str, Any] = {
+    **TINY_KWARGS, "dim": 192, "num_heads": 4, "num_layers": 4, "card": 64, "context": 128,
+}
+STT_SMALL_KWARGS: dict[str, Any] = {
+    **{k: v for k, v in _SMALL_KWARGS.items() if not k.startswith("depformer")}, "n_q": 8, "dep_q": 0,
+    "delays": [0] * 9,
+}
+STT_BASE_KWARGS: dict[str, Any] = {**STT_SMALL_KWARGS, "dim": 512, "num_heads": 8, "num_layers": 8, "context": 256}
+TTS_SMALL_KWARGS: dict[str, Any] = {
+    **_SMALL_KWARGS, "n_q": 8, "dep_q": 8, "delays": [0, 0, 1, 1, 1, 1, 1, 1, 1], "depformer_dim": 64,
+    "depformer_dim_feedforward": int(4.125 * 64), "depformer_num_heads": 4, "depformer_num_layers": 2,
+}
+TTS_BASE_KWARGS: dict[str, Any] = {
+    **TTS_SMALL_KWARGS, "dim": 512, "num_heads": 8, "num_layers": 8, "context": 256, "depformer_dim": 256,
+    "depformer_dim_feedforward": int(4.125 * 256), "depformer_num_layers": 4,
 }

@@ -372,7 +372,28 @@ def write_report(report: dict, run_dir: Path) -> None:
         lines += ["", f"Skipped updates (non-finite loss or gradient norm, nan_policy=skip): {report['skipped_steps']}"]
     if report["export"]:
         lines += ["", "Exported: " + ", ".join(f"`{p}`" for p in report["export"])]
+    lines += _curves_section(run_dir, report)
     atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def _curves_section(run_dir: Path, report: dict) -> list[str]:
+    """report.md's eval table and loss-curve figure (from metrics.jsonl; see moshi_jax.training.curves)."""
+    from moshi_jax.training import curves
+
+    jsonl = run_dir / "metrics.jsonl"
+    if not jsonl.is_file():
+        return []
+    evals = curves.read_metrics(jsonl).get("eval", [])
+    lines = []
+    if evals:
+        keys = curves.loss_keys(evals)
+        lines += ["", "Held-out eval (data.eval_sources) by step:", "",
+                  "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {r['step']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |" for r in evals]
+    png = curves.plot_loss_curves(jsonl, run_dir / "loss_curves.png", title=str(report["config"]))
+    if png is not None:
+        lines += ["", f"![loss curves]({png.name})"]
+    return lines
 
 
 def _fmt(v, unit: str = "") -> str:

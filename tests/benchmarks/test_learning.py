@@ -1,0 +1,75 @@
+"""benchmarks/learning.py's transcription paths: the engine's streaming ASR (audio in) and the forward-greedy
+ASR on codes (used for TTS output) give the same transcript for the same audio; decoding drops padding and ids
+past the tokenizer's vocabulary; the batched codec round trip equals encoding each recording alone."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import learning as L
+from moshi_jax.data.tokenize import calibrate_codebooks
+from moshi_jax.engine.engine import default_tokenizer, preset_configs, random_lm_params
+from moshi_jax.lm.config import TINY_KWARGS, LMConfig
+
+DELAY = 2
+
+
+def _stt(card: int) -> LMConfig:
+    kw = {k: v for k, v in TINY_KWARGS.items() if not k.startswith("depformer")}
+    kw.update(n_q=8, dep_q=0, card=card, delays=[0] * 9)
+    return LMConfig.from_reference_kwargs(kw)
+
+
+@pytest.mark.xfail(strict=True, reason="found by issue 13: with codes that vary (fitted codebooks), the engine's "
+                   "STT-layout ASR (dep_q == 0) tokens differ from the training forward's argmax on the same grid "
+                   "(test_asr's method); its first valid token equals the forward's at the NEXT position (a "
+                   "suspected one-frame audio offset). tests/engine/test_asr.py's STT check passes because an "
+                   "unfitted random Mimi gives near-constant codes. Left for the engine's owner.")
+def test_engine_transcript_equals_forward_greedy_transcript_of_the_same_codes(monkeypatch):
+    mimi_cfg, _ = preset_configs("tiny")
+    lm_cfg = _stt(mimi_cfg.bins)
+    tok = default_tokenizer(lm_cfg.text_card)
+    engine = L.asr_engine(mimi_cfg, lm_cfg, DELAY, tok)
+    rng = np.random.default_rng(0)
+    wavs = [(0.1 * rng.standard_normal(n * L.FRAME) * np.repeat(rng.uniform(0.1, 1, n), L.FRAME)
+             ).astype(np.float32) for n in (6, 9)]
+    # codebooks fitted to this audio (as the corpus does): varied codes, so greedy argmaxes are not near-ties
+    mimi = calibrate_codebooks(engine.codec, engine.codec.init(jax.random.PRNGKey(0)),
+                               np.stack([np.pad(w, (0, 9 * L.FRAME - len(w))) for w in wavs])[:, None])
+    params = {"mimi": mimi, "lm": random_lm_params(lm_cfg, 3)}
+    # compare the raw text token streams (a random model's ids are mostly outside the small vocabulary)
+    monkeypatch.setattr(L, "decode_text", lambda tokenizer, tokens: " ".join(str(int(t)) for t in tokens))
+    via_engine = L.transcribe(engine, params, wavs, batch=2)
+    # the engine streams every item for max frames + DELAY + 2 frames (zero audio after each recording): the
+    # forward path gets the codes of exactly that audio
+    frames = 9 + DELAY + 2
+    padded = [np.pad(w, (0, frames * L.FRAME - len(w))) for w in wavs]
+    codes = [c for c, _ in L._codec_roundtrip(engine.codec, params["mimi"], padded, 8)]
+    via_forward = L.transcribe_codes(lm_cfg, params["lm"], codes, DELAY, tok, batch=2, extra_frames=0)
+    assert via_engine == via_forward
+    assert [len(t.split()) for t in via_engine] == [9 + 2, 9 + 2]  # frames DELAY .. 9 + DELAY + 1 of each item
+    assert len(set(" ".join(via_engine).split())) > 1
+
+
+def test_codec_roundtrip_batched_equals_each_recording_alone():
+    mimi_cfg, _ = preset_configs("tiny")
+    from moshi_jax.mimi.model import MimiCodec
+
+    codec = MimiCodec(mimi_cfg)
+    p = codec.init(jax.random.PRNGKey(1))
+    rng = np.random.default_rng(1)
+    wavs = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (3 * L.FRAME + 100, 5 * L.FRAME)]
+    batched = L._codec_roundtrip(codec, p, wavs, 4)
+    for w, (codes, audio) in zip(wavs, batched, strict=True):
+        alone = np.asarray(codec.encode_stream(p, w[None, None], 4))[0]
+        assert codes.shape == alone.shape and np.array_equal(codes, alone)
+        np.testing.assert_allclose(audio, np.asarray(codec.decode_stream(p, alone[None]))[0, 0], atol=1e-5)
+
+
+def test_decode_text_drops_padding_and_out_of_vocabulary_ids():
+    tok = default_tokenizer(512)
+    ids = tok.encode("the red box")
+    noisy = [3, 0] + ids[:1] + [3, tok.vocab_size + 5, -1] + ids[1:] + [0, 3]
+    assert L.decode_text(tok, noisy) == "the red box"
