@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-import pytest
 
 from benchmarks import learning as L
 from moshi_jax.data.tokenize import calibrate_codebooks
@@ -22,11 +21,6 @@ def _stt(card: int) -> LMConfig:
     return LMConfig.from_reference_kwargs(kw)
 
 
-@pytest.mark.xfail(strict=True, reason="found by issue 13: with codes that vary (fitted codebooks), the engine's "
-                   "STT-layout ASR (dep_q == 0) tokens differ from the training forward's argmax on the same grid "
-                   "(test_asr's method); its first valid token equals the forward's at the NEXT position (a "
-                   "suspected one-frame audio offset). tests/engine/test_asr.py's STT check passes because an "
-                   "unfitted random Mimi gives near-constant codes. Left for the engine's owner.")
 def test_engine_transcript_equals_forward_greedy_transcript_of_the_same_codes(monkeypatch):
     mimi_cfg, _ = preset_configs("tiny")
     lm_cfg = _stt(mimi_cfg.bins)
