@@ -81,7 +81,8 @@ def write(cache: KVCache, k: Array, v: Array, positions: Array, layer: Array | N
         keys = cache.keys.at[lead + (slice(None), slice(None), slots)].set(k)
         values = cache.values.at[lead + (slice(None), slots)].set(v)
         if quantized:
-            scales = tuple(a.at[lead + (slice(None), slots)].set(x) for a, x in zip(scales, (k_scale, v_scale), strict=True))
+            scales = tuple(a.at[lead + (slice(None), slots)].set(x)
+                           for a, x in zip(scales, (k_scale, v_scale), strict=True))
     return KVCache(keys=keys, values=values,
                    positions=cache.positions.at[lead + (slots,)].set(positions.astype(jnp.int32)),
                    key_scales=scales[0], value_scales=scales[1])
