@@ -12,6 +12,9 @@ the bf16 run's tokens so that both see the same history at every frame, and we c
 - free-running: the variant generates on its own (greedy, same user codes) and we report the share of tokens
   equal to the bf16 run's and the mean number of frames before an item's first differing token.
 
+The "float32" row runs the same weights in float32: its distance to the bf16 run is bf16's own rounding
+error, the scale against which to read the int8 rows.
+
 Random weights (`engine.random_lm_params`, seeded) stand in for a trained model: the drift is what quantization
 does to this network's activations; agreement on a trained model (sharper distributions) is expected to be
 higher. The user's codes are uniform random tokens.
@@ -29,7 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-VARIANTS = {"int8 KV": ("int8", None), "int8 weights": (None, "int8"), "int8 KV + weights": ("int8", "int8")}
+#: name -> (kv_cache_dtype, weight_dtype); "float32" is the same LM in float32 (params and compute): its distance
+#: to the bf16 run is bf16's own rounding error, the scale to read the int8 rows against.
+VARIANTS = {"int8 KV": ("int8", None), "int8 weights": (None, "int8"), "int8 KV + weights": ("int8", "int8"),
+            "float32": (None, None)}
 
 
 def _drift(ref: np.ndarray, out: np.ndarray) -> dict:
@@ -71,11 +77,15 @@ def compare(lm_cfg, raw_params, frames: int, batch: int, seed: int = 0, variants
     for name in variants:
         kv, w = VARIANTS[name]
         t0 = time.perf_counter()
-        vp = gen.prepare_streaming_params(raw_params, lm_cfg, weight_dtype=w) if w else sp
-        state = gen.init_gen_state(lm_cfg, batch, kv_cache_dtype=kv)
-        _, forced = gen.run(vp, state, user, None, cfg=lm_cfg, sampling=greedy, forced_text=ref.sampled_text,
+        cfg = lm_cfg.with_dtypes("float32", "float32") if name == "float32" else lm_cfg
+        if name == "float32":
+            vp = gen.prepare_streaming_params(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), raw_params), cfg)
+        else:
+            vp = gen.prepare_streaming_params(raw_params, cfg, weight_dtype=w) if w else sp
+        state = gen.init_gen_state(cfg, batch, kv_cache_dtype=kv)
+        _, forced = gen.run(vp, state, user, None, cfg=cfg, sampling=greedy, forced_text=ref.sampled_text,
                             forced_audio=ref.sampled_audio, return_logits=True)
-        _, free = gen.run(vp, state, user, None, cfg=lm_cfg, sampling=greedy)
+        _, free = gen.run(vp, state, user, None, cfg=cfg, sampling=greedy)
         forced, free = jax.tree.map(np.asarray, forced), jax.tree.map(np.asarray, free)
         free_tokens = np.concatenate([free.sampled_text[:, None], free.sampled_audio], axis=1)
         r = {"text": _drift(ref.text_logits, forced.text_logits)}
