@@ -11,7 +11,8 @@ layer loop can carry the whole stack and update it in place (no per-layer copies
 int8 ring (`init_kv_cache(..., dtype=jnp.int8)`, the serving option that halves the state): keys / values are
 stored as int8 with one float32 scale per (position, head) beside them (`key_scales` / `value_scales`
 `[B, H, C]`), quantized on write (`nn.quant.quantize_heads`); attention applies the key scales to the scores
-and the value scales to the probabilities, so no dequantized ring is ever materialised.
+and the value scales to the probabilities, so the ring is never rescaled (it is only converted to the compute
+dtype for the two dots; XLA:TPU materialises that converted copy one layer at a time, see README).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ memory and is dequantized where the matmul reads it (`nn.attention.apply_kernel`
 scale into the dot's operand on GPU / TPU, so a decode step reads half the weight bytes.
 
 KV ring (`nn.kv_cache`, `init_kv_cache(..., dtype=jnp.int8)`): keys and values are quantized on write with
-one scale per (position, head) (`quantize_heads`); attention never materialises a dequantized ring: the key
-scales multiply the scores q.k (one per key slot) and the value scales the probabilities before p.v.
+one scale per (position, head) (`quantize_heads`); attention never rescales the ring: the key scales
+multiply the scores q.k (one per key slot) and the value scales the probabilities before p.v.
 """
 
 from __future__ import annotations
