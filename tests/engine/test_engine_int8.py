@@ -125,3 +125,20 @@ def test_an_int8_engine_state_is_int8_survives_reset_and_pausing():
 def test_unknown_int8_option_values_are_refused_with_the_allowed_ones(field, value):
     with pytest.raises(ValueError, match=rf"EngineConfig.{field} must be one of \(None, 'int8'\)"):
         EngineConfig(**{field: value})
+
+
+def test_chat_cli_serves_with_int8_kv_and_weights(tmp_path):
+    import soundfile as sf
+
+    from moshi_jax.audio import save_audio
+    from moshi_jax.cli import main
+    from moshi_jax.data.speech_synth import builtin_sample
+
+    wav = np.asarray(builtin_sample(), np.float32)[:12_000]  # 0.5 s
+    path = save_audio(tmp_path / "user.wav", wav, 24_000)
+    out = tmp_path / "moshi.wav"
+    assert main(["chat", "-i", str(path), "-o", str(out), "--preset", "tiny", "--int8", "both"]) == 0
+    audio, _ = sf.read(out)
+    assert audio.size >= wav.size and np.abs(audio[1920:]).max() > 0
+    with pytest.raises(SystemExit):
+        main(["chat", "-i", str(path), "-o", str(out), "--int8", "int4"])
