@@ -20,6 +20,10 @@ of memory does not stop the others; each gets what is left of `--budget-s`, in t
               `--train-microbatches` choose the remat policy and gradient accumulation
   train_ref   the reference's same step (bf16 module, the moshi-finetune loss, clip, AdamW) at `--ref-train-batch`
   lora7b      configs/7b LoRA train step (moshi-finetune's recipe): frames/s (moshi-finetune: ~12k per H100)
+  engine_int8 the engine with the int8 KV cache and int8 weights (EngineConfig kv_cache_dtype / weight_dtype) at
+              `--int8-batches` (default 1 32 64 96: the sessions bf16 cannot hold), state bytes per session, then
+              its quality against bf16 (benchmarks/int8_quality.py: logit drift, greedy agreement) over
+              `--int8-frames` frames
 
 Writes results.json (everything) and results.md (the table) in `--out`, after every section.
 """
@@ -37,10 +41,11 @@ import time
 import traceback
 from pathlib import Path
 
-SECTIONS = ("env", "engine", "ref_engine", "train", "lora7b", "mimi_batch", "train_ref")
-SMOKE_SECTIONS = ("env", "engine", "train", "lora7b", "mimi_batch")
+SECTIONS = ("env", "engine", "ref_engine", "train", "lora7b", "mimi_batch", "train_ref", "engine_int8")
+SMOKE_SECTIONS = ("env", "engine", "train", "lora7b", "mimi_batch", "engine_int8")
 #: seconds a section needs at least to be started (compile + a few steps on one GPU)
-NEED_S = {"env": 5, "engine": 60, "ref_engine": 30, "mimi_batch": 20, "train": 45, "train_ref": 30, "lora7b": 45}
+NEED_S = {"env": 5, "engine": 60, "ref_engine": 30, "mimi_batch": 20, "train": 45, "train_ref": 30, "lora7b": 45,
+          "engine_int8": 60}
 #: device kind substring -> (dense bf16 FLOP/s, HBM bytes/s) from the vendors' spec sheets
 PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12), "L4": (121e12, 0.3e12),
          "TPU v5p": (459e12, 2.765e12), "TPU v5 lite": (197e12, 0.819e12), "TPU v5e": (197e12, 0.819e12),
@@ -136,9 +141,42 @@ def sec_engine(s: dict) -> dict:
     lm_bytes = _nbytes(params["lm"])
     out = {"preset": s["preset"], "init_s": round(time.perf_counter() - t0, 1), "lm_param_bytes": lm_bytes,
            "mem_after_params_gib": _peak_mem_gib(), "batches": {}}
+    _time_engine(engine, params, s, s["batches"], out)
+    # the LM step alone (batch 1) against the weight-read floor
+    _, bw = device_peaks()
+    try:
+        cfg = lm_cfg
+        user = jax.numpy.zeros((1, cfg.n_q - cfg.dep_q), jax.numpy.int32)
+        state = gen.init_gen_state(cfg, 1)
+        key = jax.random.PRNGKey(0)
+        t = time.perf_counter()
+        state, o = gen.step_donated(params["lm"], state, user, key, cfg=cfg, sampling=SamplingConfig())
+        np.asarray(o.text)
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(s["iters"] + 5):
+            t = time.perf_counter()
+            state, o = gen.step_donated(params["lm"], state, user, key, cfg=cfg, sampling=SamplingConfig())
+            np.asarray(o.text)
+            times.append(time.perf_counter() - t)
+        r = _pct(times[5:])
+        r["compile_s"] = round(first - r["median_ms"] / 1e3, 1)
+        if bw:
+            r["weight_read_floor_ms"] = round(1e3 * lm_bytes / bw, 3)
+            r["x_floor"] = round(r["median_ms"] / r["weight_read_floor_ms"], 2)
+        out["lm_B1"] = r
+    except Exception as e:  # noqa: BLE001
+        out["lm_B1"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return out
+
+
+def _time_engine(engine, params, s: dict, batches: list[int], out: dict) -> None:
+    """p50 / p99 per frame of `engine.step_donated` at each batch, into out["batches"] (and state bytes)."""
+    import numpy as np
+
     rng = np.random.default_rng(0)
     iters, warm = s["iters"], 5
-    for B in s["batches"]:
+    for B in batches:
         if time.monotonic() > s["deadline"] - 20:
             out["batches"][str(B)] = "skipped (time)"
             continue
@@ -167,31 +205,38 @@ def sec_engine(s: dict) -> dict:
             out["batches"][str(B)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             if _is_oom(e):
                 break
-    # the LM step alone (batch 1) against the weight-read floor
-    _, bw = device_peaks()
+
+
+def sec_engine_int8(s: dict) -> dict:
+    """The engine with int8 KV + int8 weights at `int8_batches`, then the int8 variants' quality against bf16."""
+    import flax.linen as nn
+    import jax
+
+    from benchmarks import int8_quality
+    from moshi_jax.engine.engine import Engine, EngineConfig, preset_configs, random_lm_params
+    from moshi_jax.lm import model as lm_model
+    from moshi_jax.mimi.model import MimiCodec
+
+    mimi_cfg, lm_cfg = preset_configs(s["preset"])
+    lm_cfg = lm_cfg.with_dtypes("bfloat16", "bfloat16")
+    t0 = time.perf_counter()
+    raw = nn.unbox(jax.jit(lm_model.init_params, static_argnums=0)(lm_cfg, jax.random.PRNGKey(0)))
+    engine = Engine(mimi_cfg, lm_cfg, EngineConfig(kv_cache_dtype="int8", weight_dtype="int8"))
+    params = engine.prepare_params({"mimi": MimiCodec(mimi_cfg).init(jax.random.PRNGKey(1)), "lm": raw},
+                                   consume=True)  # quantized layer by layer while the raw stacks are freed
+    del raw
+    jax.block_until_ready(params)
+    out = {"preset": s["preset"], "kv_cache_dtype": "int8", "weight_dtype": "int8",
+           "init_s": round(time.perf_counter() - t0, 1), "lm_param_bytes": _nbytes(params["lm"]),
+           "mem_after_params_gib": _peak_mem_gib(), "batches": {}}
+    _time_engine(engine, params, s, s["int8_batches"], out)
+    del params
     try:
-        cfg = lm_cfg
-        user = jax.numpy.zeros((1, cfg.n_q - cfg.dep_q), jax.numpy.int32)
-        state = gen.init_gen_state(cfg, 1)
-        key = jax.random.PRNGKey(0)
-        t = time.perf_counter()
-        state, o = gen.step_donated(params["lm"], state, user, key, cfg=cfg, sampling=SamplingConfig())
-        np.asarray(o.text)
-        first = time.perf_counter() - t
-        times = []
-        for _ in range(iters + warm):
-            t = time.perf_counter()
-            state, o = gen.step_donated(params["lm"], state, user, key, cfg=cfg, sampling=SamplingConfig())
-            np.asarray(o.text)
-            times.append(time.perf_counter() - t)
-        r = _pct(times[warm:])
-        r["compile_s"] = round(first - r["median_ms"] / 1e3, 1)
-        if bw:
-            r["weight_read_floor_ms"] = round(1e3 * lm_bytes / bw, 3)
-            r["x_floor"] = round(r["median_ms"] / r["weight_read_floor_ms"], 2)
-        out["lm_B1"] = r
+        q = int8_quality.compare(lm_cfg, random_lm_params(lm_cfg, 0), s["int8_frames"], 2,
+                                 variants=("int8 KV + weights",))
+        out["quality"] = q
     except Exception as e:  # noqa: BLE001
-        out["lm_B1"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        out["quality"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return out
 
 
@@ -412,7 +457,7 @@ def sec_train_ref(s: dict) -> dict:
 
 
 FUNCS = {"env": sec_env, "engine": sec_engine, "ref_engine": sec_ref_engine, "mimi_batch": sec_mimi_batch,
-         "train": sec_train, "train_ref": sec_train_ref, "lora7b": sec_lora7b}
+         "train": sec_train, "train_ref": sec_train_ref, "lora7b": sec_lora7b, "engine_int8": sec_engine_int8}
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -438,6 +483,19 @@ def markdown(res: dict) -> str:
         theirs = f"{rr['lm']['median_ms']} ms" if isinstance(rr, dict) and "lm" in rr else "-"
         lines.append(f"| LM step only, batch 1 | {lm['median_ms']} ms | {theirs} | floor "
                      f"{lm.get('weight_read_floor_ms', '?')} ms ({lm.get('x_floor', '?')}x) |")
+    e8 = res.get("engine_int8", {})
+    for b, r in (e8.get("batches") or {}).items():
+        ours = (f"{r['median_ms']} ms (p99 {r['p99_ms']})" if isinstance(r, dict) and "median_ms" in r
+                else (r.get("error", r) if isinstance(r, dict) else r))
+        note = (f"state {e8.get(f'state_bytes_B{b}', 0) / 2**30:.3g} GiB, compile {r.get('compile_s')} s, peak "
+                f"{r.get('peak_mem_gib')} GiB" if isinstance(r, dict) else "")
+        lines.append(f"| {e8.get('preset')} full-duplex step, int8 KV + weights, batch {b} | {ours} | - | {note} |")
+    for name, v in ((e8.get("quality") or {}).get("variants") or {}).items():
+        t, a = v["text"], v.get("audio", {})
+        lines.append(f"| {name} vs bf16, {e8['quality']['frames']} frames (teacher-forced) | text top-1 "
+                     f"{100 * t['top1_agree']:.1f}%, KL {t['kl_mean']:.1e}; audio top-1 "
+                     f"{100 * a.get('top1_agree', float('nan')):.1f}%, KL {a.get('kl_mean', float('nan')):.1e} | - | "
+                     f"max drift {t['max_rel_std']:.3f} / {a.get('max_rel_std', float('nan')):.3f} x std |")
     mb = res.get("mimi_batch", {})
     if "ours_encode" in mb:
         r_e = mb.get("ref_encode", {}).get("median_ms", "-")
@@ -476,6 +534,8 @@ def settings(args) -> dict:
         "train_steps": 2 if smoke else 5, "ref_train_batch": args.ref_train_batch,
         "lora_config": "tiny" if smoke else "7b", "lora_batch": args.lora_batch or (2 if smoke else 8),
         "lora_frames": args.lora_frames or (16 if smoke else 512),
+        "int8_batches": args.int8_batches or ([1, 2] if smoke else [1, 32, 64, 96]),
+        "int8_frames": args.int8_frames or (6 if smoke else 64),
     }
 
 
@@ -510,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-train-batch", type=int, default=8, help="B of the reference train row (default 8)")
     p.add_argument("--lora-batch", type=int, default=None, help="B of the 7B LoRA row (default 8)")
     p.add_argument("--lora-frames", type=int, default=None, help="T of the 7B LoRA row (default 512)")
+    p.add_argument("--int8-batches", type=int, nargs="+", default=None,
+                   help="batches of the int8 engine rows (default 1 32 64 96)")
+    p.add_argument("--int8-frames", type=int, default=None, help="frames of the int8 quality run (default 64)")
     p.add_argument("--no-reference", action="store_true", help="skip the reference PyTorch sections")
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)  # child process: run this one section
     p.add_argument("--section-settings", default=None, help=argparse.SUPPRESS)

@@ -597,7 +597,8 @@ def _add_serve(sub) -> None:
             raise CLIError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
         try:
             engine, params = Engine.load(args.weights_dir, preset=args.preset, seed=args.seed, dtype=args.dtype,
-                                         cfg=EngineConfig(pad_bias=args.pad_bias, item_sampling=True))
+                                         cfg=EngineConfig(pad_bias=args.pad_bias, item_sampling=True,
+                                                          **_int8_options(args.int8)))
         except (FileNotFoundError, ValueError, KeyError, OSError) as e:
             sock.close()
             raise CLIError(f"cannot load the model: {e}") from e
@@ -652,7 +653,16 @@ def _add_serve(sub) -> None:
     p.add_argument("--dtype", default=None, help="LM dtype, e.g. bfloat16 (default: the checkpoint's / float32)")
     p.add_argument("--pad-bias", type=float, default=0.0,
                    help="added to the text PAD log-prob (> 0: Moshi waits longer before speaking)")
+    p.add_argument("--int8", choices=("kv", "weights", "both"), default=None,
+                   help="int8 serving options: the KV cache (half the state per session), the transformer "
+                        "weights, or both (quality cost: python -m benchmarks.int8_quality)")
     p.set_defaults(func=cmd_serve)
+
+
+def _int8_options(which: str | None) -> dict:
+    """`--int8 kv|weights|both` -> the EngineConfig fields (moshi_jax.nn.quant)."""
+    return {"kv_cache_dtype": "int8" if which in ("kv", "both") else None,
+            "weight_dtype": "int8" if which in ("weights", "both") else None}
 
 
 def _add_engine(sub) -> None:
@@ -679,7 +689,7 @@ def _add_engine(sub) -> None:
             if mode == "asr":
                 extra["asr_zero_text_prefix"] = not args.free_text_prefix
             cfg = EngineConfig(mode=mode, sampling=sampling, pad_bias=args.pad_bias, text_delay_frames=delay,
-                               seed=args.seed, **extra)
+                               seed=args.seed, **extra, **_int8_options(args.int8))
             engine, params = Engine.load(args.weights_dir, preset=args.preset, cfg=cfg, seed=args.seed,
                                          dtype=args.dtype, tokenizer=args.tokenizer,
                                          apply_repo_sampling=not (over or args.greedy or mode == "tts"))
@@ -807,6 +817,8 @@ def _add_engine(sub) -> None:
         q.add_argument("--top-k-text", type=int, default=None, help="text top-k (default 25)")
         q.add_argument("--pad-bias", type=float, default=0.0,
                        help="added to the text PAD log-prob (> 0: later replies / slower speech)")
+        q.add_argument("--int8", choices=("kv", "weights", "both"), default=None,
+                       help="int8 serving options: the KV cache, the transformer weights, or both")
         q.add_argument("--realtime", action="store_true",
                        help="pace the frames at real time (80 ms each) as a live microphone would")
 

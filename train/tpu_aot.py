@@ -201,10 +201,12 @@ def train_roofline(topology: str, flops_per_device: float, bytes_per_device: flo
     return r
 
 
-def compile_engine(preset: str, topology: str, batches: list[int], kernels: str = "portable") -> dict:
+def compile_engine(preset: str, topology: str, batches: list[int], kernels: str = "portable",
+                   kv_cache_dtype: str | None = None, weight_dtype: str | None = None) -> dict:
     """The full-duplex engine step (Mimi enc + LM + Mimi dec, LM in bf16, donated state) compiled for ONE chip of
     `topology`, per batch size: XLA's cost analysis (flops, bytes accessed, optimal_seconds), memory analysis,
-    roofline time per frame on that chip, and the sessions one chip holds (HBM) and serves (80 ms frames)."""
+    roofline time per frame on that chip, and the sessions one chip holds (HBM) and serves (80 ms frames).
+    `kv_cache_dtype` / `weight_dtype` ("int8"): the engine's int8 serving options (`EngineConfig`)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -221,14 +223,17 @@ def compile_engine(preset: str, topology: str, batches: list[int], kernels: str 
     rep = NamedSharding(Mesh([dev], ("x",)), P())
     mimi_cfg, lm_cfg = preset_configs(preset)
     lm_cfg = lm_cfg.with_dtypes("bfloat16", "bfloat16")
-    engine = Engine(mimi_cfg, lm_cfg, EngineConfig(), None)
+    ecfg = EngineConfig(kv_cache_dtype=kv_cache_dtype, weight_dtype=weight_dtype)
+    engine = Engine(mimi_cfg, lm_cfg, ecfg, None)
     abs_lm = jax.eval_shape(lambda k: nn.unbox(lm_model.init_params(lm_cfg, k)), jax.random.PRNGKey(0))
     put = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), t)  # noqa: E731
     params = put({"mimi": jax.eval_shape(lambda k: MimiCodec(mimi_cfg).init(k), jax.random.PRNGKey(1)),
-                  "lm": jax.eval_shape(lambda p: gen.prepare_streaming_params(p, lm_cfg), abs_lm)})
+                  "lm": jax.eval_shape(lambda p: gen.prepare_streaming_params(p, lm_cfg, weight_dtype=weight_dtype),
+                                       abs_lm)})
     nbytes = lambda t: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t))  # noqa: E731
     peak, bw, hbm = chip_peaks(topology)
     out = {"preset": preset, "topology": topology, "device_kind": dev.device_kind, "kernels": kernels,
+           "kv_cache_dtype": kv_cache_dtype, "weight_dtype": weight_dtype,
            "param_bytes": nbytes(params), "per_batch": {}}
     for B in batches:
         state = put(jax.eval_shape(lambda B=B: engine.init_state(B)))
@@ -361,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                             "sessions-per-chip estimate)")
     e.add_argument("--kernels", default="portable", choices=sorted(backend.NAMED),
                    help="kernel choices (moshi_jax.nn.backend): portable = what a TPU run traces")
+    e.add_argument("--kv-cache-dtype", default=None, choices=["int8"], help="int8 KV rings (default: bf16)")
+    e.add_argument("--weight-dtype", default=None, choices=["int8"], help="int8 transformer weights (default: bf16)")
     e.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = p.parse_args(argv)
     if args.cmd == "setup":
@@ -383,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     # /tmp/libtpu_lockfile and a second process fails).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if args.cmd == "engine":
-        result = compile_engine(args.preset, args.topology, args.batches, args.kernels)
+        result = compile_engine(args.preset, args.topology, args.batches, args.kernels, args.kv_cache_dtype,
+                                args.weight_dtype)
     else:
         result = _compile(args.config, args.overrides, args.topology, _parse_mesh(args.mesh), args.batch_size)
         print(format_summary(result), file=sys.stderr)

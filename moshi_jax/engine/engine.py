@@ -57,6 +57,7 @@ from moshi_jax.mimi.config import MimiConfig
 from moshi_jax.mimi.model import MimiCodec, MimiState
 from moshi_jax.mimi.model import reset_state as mimi_reset_state
 from moshi_jax.mimi.transformer import RingCache
+from moshi_jax.nn import quant
 from moshi_jax.nn.kv_cache import KVCache
 from moshi_jax.nn.sampling import SamplingConfig
 
@@ -88,8 +89,15 @@ class EngineConfig:
     tts_final_padding: int = 4  # frames generated after the last word's audio (reference TTSModel)
     tts_max_words: int = 256  # per-item capacity of the TTS queue (static shapes)
     tts_max_tokens: int = 1024
+    # Serving memory options (nn/quant.py): "int8" KV rings (half the state per session) and weight-only int8
+    # transformer kernels (applied by `prepare_params`); None keeps the LM's dtype. Quality cost against bf16:
+    # `python -m benchmarks.int8_quality`.
+    kv_cache_dtype: str | None = None
+    weight_dtype: str | None = None
 
     def __post_init__(self):
+        quant.check_dtype_option("EngineConfig.kv_cache_dtype", self.kv_cache_dtype, quant.KV_CACHE_DTYPES)
+        quant.check_dtype_option("EngineConfig.weight_dtype", self.weight_dtype, quant.WEIGHT_DTYPES)
         if self.mode not in MODES:
             raise ValueError(f"EngineConfig.mode must be one of {MODES}, got {self.mode!r}")
         d = self.text_delay_frames
@@ -153,8 +161,14 @@ def _batch_axes(make_state, batch_size: int = 2):
     # KV ring data: a paused / undecoded step wrote only the slots of positions offset.. (its restored offset),
     # and the next real step rewrites exactly those slots before attending, so the stale values are never read.
     # Restoring positions and offsets is enough, and skips a copy of every KV cache per step.
-    return jax.tree.map(lambda n: n.replace(keys=STALE_OK, values=STALE_OK) if isinstance(n, _RINGS) else n,
-                        axes, is_leaf=lambda n: isinstance(n, _RINGS))
+    # (An int8 ring's scales are written at the same slots: the same holds for them.)
+    data = ("keys", "values", "key_scales", "value_scales")
+
+    def stale(n):
+        return n.replace(**{f: STALE_OK for f in data if getattr(n, f, None) is not None})
+
+    return jax.tree.map(lambda n: stale(n) if isinstance(n, _RINGS) else n, axes,
+                        is_leaf=lambda n: isinstance(n, _RINGS))
 
 
 def _select(mask: Array, new, old, axes):
@@ -317,8 +331,10 @@ class Engine:
         per-layer / per-depth-step buffers that the compiled step reads in place instead of copying slices of
         the stacked weights every frame). `step` accepts raw or prepared params with identical results; drop
         the raw ones afterwards to save memory. `consume=True` frees the raw transformer stacks while copying
-        them (peak: the model once plus one stacked leaf, instead of twice); `params["lm"]` is spent after."""
-        return {"mimi": params["mimi"], "lm": gen.prepare_streaming_params(params["lm"], self.lm_cfg, consume)}
+        them (peak: the model once plus one stacked leaf, instead of twice); `params["lm"]` is spent after.
+        `EngineConfig.weight_dtype="int8"`: the transformers' kernels are quantized here (per layer, as copied)."""
+        return {"mimi": params["mimi"], "lm": gen.prepare_streaming_params(params["lm"], self.lm_cfg, consume,
+                                                                            self.cfg.weight_dtype)}
 
     def _input_codebooks(self) -> int:
         """Mimi codebooks encoded per input frame: the user streams (dialogue), the model's own audio streams
@@ -353,7 +369,8 @@ class Engine:
         words, toks = (c.tts_max_words, c.tts_max_tokens) if c.mode == "tts" else (1, 1)
         return EngineState(
             mimi=self.codec.init_state(batch_size, self.num_codebooks),
-            lm=gen.init_gen_state(lm, batch_size, c.pad_bias, c.sampling if c.item_sampling else None),
+            lm=gen.init_gen_state(lm, batch_size, c.pad_bias, c.sampling if c.item_sampling else None,
+                                  kv_cache_dtype=c.kv_cache_dtype),
             rng=jax.random.PRNGKey(c.seed) if key is None else key,
             frame=jnp.zeros((batch_size,), jnp.int32),
             # at least 2 frames: the STT feeding reads index 1 (an index past the end would be clamped to the
@@ -480,7 +497,10 @@ class Engine:
                 hook_out["tts"] = new_tts
                 return fed
 
-        lm_state, out = gen._step(params["lm"], state.lm, user, key, cfg=lm, sampling=c.sampling,
+        lm_params = params["lm"]
+        if c.weight_dtype is not None and not isinstance(lm_params, gen.StreamingParams):
+            lm_params = gen.prepare_streaming_params(lm_params, lm, weight_dtype=c.weight_dtype)  # same maths
+        lm_state, out = gen._step(lm_params, state.lm, user, key, cfg=lm, sampling=c.sampling,
                                   forced_audio=forced_audio, text_hook=hook)
         tts = hook_out.get("tts", state.tts)
 

@@ -96,15 +96,17 @@ class StepOutput:
 
 
 def init_gen_state(cfg: LMConfig, batch_size: int, pad_bias: float | Array = 0.0,
-                   item_sampling: SamplingConfig | None = None) -> GenState:
+                   item_sampling: SamplingConfig | None = None, kv_cache_dtype: str | None = None) -> GenState:
     """Fresh state for `batch_size` conversations (no parameters needed).
 
     `item_sampling`: per-item sampling (`GenState.items`) starting from these settings for every item; the
-    step then ignores its `sampling` / `rng` arguments (see `set_item_sampling`)."""
+    step then ignores its `sampling` / `rng` arguments (see `set_item_sampling`). `kv_cache_dtype="int8"`:
+    the temporal KV rings are int8 with per-(position, head) scales (half the state; the step follows the
+    state's layout), None: the LM's compute dtype."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return GenState(
-        temporal=lm_model.init_temporal_state(cfg, batch_size, per_layer=True),
+        temporal=lm_model.init_temporal_state(cfg, batch_size, per_layer=True, kv_cache_dtype=kv_cache_dtype),
         cache=jnp.full((batch_size, cfg.num_streams, cfg.max_delay + 2), cfg.ungenerated_token_id, jnp.int32),
         offsets=jnp.zeros((batch_size,), jnp.int32),
         pad_bias=jnp.broadcast_to(jnp.asarray(pad_bias, jnp.float32), (batch_size,)),

@@ -23,6 +23,7 @@ from flax import struct
 
 from moshi_jax.lm import delays as dl
 from moshi_jax.lm.config import LMConfig
+from moshi_jax.nn import quant
 from moshi_jax.nn.attention import fan_in_normal
 from moshi_jax.nn.matmul import einsum
 from moshi_jax.nn.norms import Norm
@@ -280,20 +281,35 @@ class StreamingParams:
     depth_steps: tuple[dict[str, Any], ...]  # per depth step k: in [dim, dep_dim], emb, emb_low_rank, linear, layers
 
 
-def prepare_streaming_params(params: Any, cfg: LMConfig, consume: bool = False) -> StreamingParams:
+def prepare_streaming_params(params: Any, cfg: LMConfig, consume: bool = False,
+                             weight_dtype: str | None = None) -> StreamingParams:
     """Convert (unboxed) LM params once, outside the jitted step, for `generate.step`. Copies the stacked
     weights (the original `params` can be dropped afterwards to save memory). `consume=True` (concrete arrays
     only): delete each leaf of the two transformer stacks of `params` as soon as it is copied out, so that the
     peak is the prepared params plus one stacked leaf, not two copies of the model; those leaves of `params`
-    are unusable afterwards (the top-level ones are shared with the result and kept)."""
+    are unusable afterwards (the top-level ones are shared with the result and kept).
+
+    `weight_dtype="int8"`: the temporal and depth transformers' kernels (attention in / out projections, MLP
+    in / out) become weight-only int8 with per-output-channel scales (`nn.quant`), dequantized inside the
+    matmul; embeddings, norms and the text / audio heads are kept. With `consume`, each temporal layer's
+    kernel is quantized as it is copied out of the stack, so no bf16 copy of the prepared stack is kept."""
+    quant.check_dtype_option("weight_dtype", weight_dtype, quant.WEIGHT_DTYPES)
     params = nn.unbox(params)
-    unstack = _unstack_consuming if consume else unstack_layers
+    qleaf = quant.quantize_layer_leaf if weight_dtype == "int8" else None
+    if consume:
+        def unstack(stacked, n):
+            return _unstack_consuming(stacked, n, qleaf)
+    else:
+        def unstack(stacked, n):
+            layers = unstack_layers(stacked, n)
+            return layers if qleaf is None else quant.quantize_layer_params(layers)
     base = {k: v for k, v in params.items() if k not in ("transformer", "depformer")}
     temporal_layers = unstack(params["transformer"]["layers"], cfg.temporal.num_layers)
     steps: list[dict[str, Any]] = []
     if cfg.depth is not None:
         d = cfg.depth
-        dep_layers = unstack(params["depformer"]["layers"], d.num_layers)
+        # quantized after `select_step_weights` (which slices the per-step kernels)
+        dep_layers = (_unstack_consuming if consume else unstack_layers)(params["depformer"]["layers"], d.num_layers)
         low_rank = cfg.depformer_low_rank_embeddings is not None
         for k in range(cfg.dep_q):
             w = d.weights_per_step_schedule[k] if d.weights_per_step_schedule else k
@@ -305,15 +321,18 @@ def prepare_streaming_params(params: Any, cfg: LMConfig, consume: bool = False) 
                 "linear": params["linears"][k],
                 "layers": tuple(select_step_weights(p, w) for p in dep_layers) if d.mult else dep_layers,
             })
+            if qleaf is not None:
+                steps[-1]["layers"] = quant.quantize_layer_params(steps[-1]["layers"])
     return StreamingParams(base=base, temporal_layers=temporal_layers, depth_steps=tuple(steps))
 
 
-def _unstack_consuming(stacked: Any, num_layers: int) -> tuple[Any, ...]:
-    """`unstack_layers`, deleting each stacked leaf once its per-layer copies exist."""
-    leaves, treedef = jax.tree.flatten(stacked)
+def _unstack_consuming(stacked: Any, num_layers: int, leaf_fn=None) -> tuple[Any, ...]:
+    """`unstack_layers`, deleting each stacked leaf once its per-layer copies exist; `leaf_fn(path, slice)`
+    (e.g. `quant.quantize_layer_leaf`) is applied to each layer's slice as it is cut."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(stacked)
     per_leaf = []
-    for a in leaves:
-        per_leaf.append([a[i] for i in range(num_layers)])
+    for path, a in leaves:
+        per_leaf.append([a[i] if leaf_fn is None else leaf_fn(path, a[i]) for i in range(num_layers)])
         _delete(a, per_leaf[-1])
     return tuple(jax.tree.unflatten(treedef, [parts[i] for parts in per_leaf]) for i in range(num_layers))
 
@@ -340,10 +359,14 @@ def depth_step_prepared(cfg: LMConfig, step: dict[str, Any], hidden: Array, toke
     return logits, state
 
 
-def init_temporal_state(cfg: LMConfig, batch_size: int, per_layer: bool = False) -> TransformerState:
+def init_temporal_state(cfg: LMConfig, batch_size: int, per_layer: bool = False,
+                        kv_cache_dtype: str | None = None) -> TransformerState:
     """Fresh streaming state of the temporal transformer (KV rings of `temporal.context` steps). `per_layer`:
-    one ring per layer, for generation with `StreamingParams` (`stream_layers`); else stacked (`LMModel`)."""
-    return init_state(cfg.temporal, batch_size, per_layer=per_layer)
+    one ring per layer, for generation with `StreamingParams` (`stream_layers`); else stacked (`LMModel`).
+    `kv_cache_dtype="int8"`: quantized rings (half the bytes of bf16; `nn.kv_cache`), None: the compute dtype."""
+    quant.check_dtype_option("kv_cache_dtype", kv_cache_dtype, quant.KV_CACHE_DTYPES)
+    return init_state(cfg.temporal, batch_size, dtype=None if kv_cache_dtype is None else jnp.int8,
+                      per_layer=per_layer)
 
 
 def init_depth_state(cfg: LMConfig, batch_size: int, per_layer: bool = False) -> TransformerState:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from moshi_jax.nn import kv_cache as kvc
 from moshi_jax.nn.matmul import einsum
+from moshi_jax.nn.quant import QuantizedWeight
 from moshi_jax.nn.rope import apply_rope
 
 Array = jax.Array
@@ -32,7 +33,10 @@ def per_step_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: t
 
 def apply_kernel(spec: str, x: Array, kernel: Array, step_index: Array | None, dtype=None) -> Array:
     """`einsum(spec)` of x `[B, T, ...]` with a plain kernel, or with per-step kernels gathered at
-    `step_index` `[T]` (the kernel's leading axis); the kernel is cast to `dtype` after the gather."""
+    `step_index` `[T]` (the kernel's leading axis); the kernel is cast to `dtype` after the gather. An int8
+    kernel (`nn.quant.QuantizedWeight`) is dequantized where the dot reads it (fused into it on GPU / TPU)."""
+    if isinstance(kernel, QuantizedWeight):
+        kernel = kernel.dequantize(dtype or jnp.float32)
     if step_index is None:
         return einsum(spec, x, kernel if dtype is None else kernel.astype(dtype))
     if step_index.shape[0] == 1:

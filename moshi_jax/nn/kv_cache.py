@@ -7,6 +7,12 @@ Layout: keys `[B, H, D, C]`, values `[B, H, C, D]`, the operand layouts of the t
 and p.v), so XLA reads them without transposing copies. With
 `layer` given, the leaves are stacked over layers `[L, ...]` and only that layer is written / read, so a
 layer loop can carry the whole stack and update it in place (no per-layer copies of the ring).
+
+int8 ring (`init_kv_cache(..., dtype=jnp.int8)`, the serving option that halves the state): keys / values are
+stored as int8 with one float32 scale per (position, head) beside them (`key_scales` / `value_scales`
+`[B, H, C]`), quantized on write (`nn.quant.quantize_heads`); attention applies the key scales to the scores
+and the value scales to the probabilities, so the ring is never rescaled (it is only converted to the compute
+dtype for the two dots; XLA:TPU materialises that converted copy one layer at a time, see README).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from moshi_jax.nn import backend
+from moshi_jax.nn import backend, quant
 
 Array = jax.Array
 _CHUNK = 512  # attention walks a stacked ring in chunks of at most this many slots (see `attend`)
@@ -29,14 +35,26 @@ class KVCache:
     keys: Array  # [B, H, D, C] (stacked over layers: [L, B, H, D, C])
     values: Array  # [B, H, C, D] (stacked: [L, B, H, C, D])
     positions: Array  # [B, C] int32 absolute position held by each slot, -1 if empty
+    # int8 ring only (else None): float32 scale of each slot's key / value per head, [B, H, C] ([L, B, H, C])
+    key_scales: Array | None = None
+    value_scales: Array | None = None
 
 
 def init_kv_cache(batch_size: int, capacity: int, num_heads: int, head_dim: int,
                   dtype: jnp.dtype = jnp.float32) -> KVCache:
+    """Empty ring; `dtype` int8: the quantized ring (int8 keys / values plus per-(position, head) scales)."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.integer) and dtype != jnp.int8:
+        raise ValueError(f"a KV cache is floating point or int8 (quantized), got {dtype}")
+    scales = None
+    if dtype == jnp.int8:
+        scales = jnp.zeros((batch_size, num_heads, capacity), jnp.float32)
     return KVCache(
         keys=jnp.zeros((batch_size, num_heads, head_dim, capacity), dtype),
         values=jnp.zeros((batch_size, num_heads, capacity, head_dim), dtype),
         positions=jnp.full((batch_size, capacity), -1, jnp.int32),
+        key_scales=scales,
+        value_scales=None if scales is None else jnp.zeros_like(scales),
     )
 
 
@@ -50,30 +68,46 @@ def write(cache: KVCache, k: Array, v: Array, positions: Array, layer: Array | N
     slots = positions % capacity
     b = jnp.arange(B)[:, None]
     lead = (b,) if layer is None else (layer, b)
-    k, v = k.astype(cache.keys.dtype), v.astype(cache.values.dtype)
+    quantized = cache.key_scales is not None
+    if quantized:  # scales [B, T, H]
+        (k, k_scale), (v, v_scale) = quant.quantize_heads(k), quant.quantize_heads(v)
+    else:
+        k, v = k.astype(cache.keys.dtype), v.astype(cache.values.dtype)
+    scales = (cache.key_scales, cache.value_scales)
     if layer is None and backend.choices().ring_write == "update_slices":
         keys, values = _write_by_update_slices(cache.keys, cache.values, k, v, slots)
+        if quantized:
+            scales = _write_by_update_slices(*scales, k_scale[..., None], v_scale[..., None], slots, scales=True)
     else:  # advanced indices around slices: the update's dims are [B, T] then [H, D], i.e. k's own layout
         keys = cache.keys.at[lead + (slice(None), slice(None), slots)].set(k)
         values = cache.values.at[lead + (slice(None), slots)].set(v)
+        if quantized:
+            scales = tuple(a.at[lead + (slice(None), slots)].set(x)
+                           for a, x in zip(scales, (k_scale, v_scale), strict=True))
     return KVCache(keys=keys, values=values,
-                   positions=cache.positions.at[lead + (slots,)].set(positions.astype(jnp.int32)))
+                   positions=cache.positions.at[lead + (slots,)].set(positions.astype(jnp.int32)),
+                   key_scales=scales[0], value_scales=scales[1])
 
 
-def _write_by_update_slices(keys: Array, values: Array, k: Array, v: Array, slots: Array) -> tuple[Array, Array]:
+def _write_by_update_slices(keys: Array, values: Array, k: Array, v: Array, slots: Array,
+                            scales: bool = False) -> tuple[Array, Array]:
     """The scatter of `write` as a loop of one-slot `dynamic_update_slice`s (one per item and position), which
     update the ring in place on every backend. (XLA:CPU has no bf16 scatter: it converts the whole ring to
-    float32, scatters there and converts back, i.e. two float32 copies of every layer's ring per step.)"""
+    float32, scatters there and converts back, i.e. two float32 copies of every layer's ring per step.)
+    `scales`: the rings are an int8 cache's scales `[B, H, C]` and k / v their new entries `[B, T, H, 1]`."""
     B, T = slots.shape
 
     def one(i, kv):
         ks, vs = kv
         b, t = i // T, i % T
-        kn = jax.lax.dynamic_slice(k, (b, t, 0, 0), (1, 1) + k.shape[2:])[:, 0, :, :, None]  # [1, H, D, 1]
-        vn = jax.lax.dynamic_slice(v, (b, t, 0, 0), (1, 1) + v.shape[2:])[:, 0, :, None, :]  # [1, H, 1, D]
+        kn = jax.lax.dynamic_slice(k, (b, t, 0, 0), (1, 1) + k.shape[2:])[:, 0]  # [1, H, D]
+        vn = jax.lax.dynamic_slice(v, (b, t, 0, 0), (1, 1) + v.shape[2:])[:, 0]  # [1, H, D]
         slot = slots[b, t]
-        return (jax.lax.dynamic_update_slice(ks, kn, (b, 0, 0, slot)),
-                jax.lax.dynamic_update_slice(vs, vn, (b, 0, slot, 0)))
+        if scales:  # [1, H, 1] at slot
+            return (jax.lax.dynamic_update_slice(ks, kn, (b, 0, slot)),
+                    jax.lax.dynamic_update_slice(vs, vn, (b, 0, slot)))
+        return (jax.lax.dynamic_update_slice(ks, kn[..., None], (b, 0, 0, slot)),  # [1, H, D, 1]
+                jax.lax.dynamic_update_slice(vs, vn[:, :, None, :], (b, 0, slot, 0)))  # [1, H, 1, D]
 
     return jax.lax.fori_loop(0, B * T, one, (keys, values))
 
@@ -121,19 +155,22 @@ def _attend_layer(q: Array, cache: KVCache, q_pos: Array, causal: bool, context:
     dtype = q.dtype
 
     def branch(S):
-        def run(q, keys, values, positions, q_pos):
+        def run(q, keys, values, positions, q_pos, k_scales, v_scales):
             ks, vs, kp = (keys, values, positions) if S == C else (keys[..., :S], values[:, :, :S],
                                                                    positions[:, :S])
             s = jnp.einsum("bthd,bhds->bhts", q, ks.astype(dtype), preferred_element_type=jnp.float32) * scale
+            if k_scales is not None:  # int8 ring: q.(k_q * scale_s) = (q.k_q) * scale_s
+                s = s * k_scales[:, :, None, :S]
             s = jnp.where(_valid(kp, q_pos, causal, context), s, -jnp.inf)
             m = s.max(-1, keepdims=True)
             p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
             den = p.sum(-1)
-            acc = jnp.einsum("bhts,bhsd->bhtd", p.astype(dtype), vs.astype(dtype), preferred_element_type=jnp.float32)
+            pv = p if v_scales is None else p * v_scales[:, :, None, :S]  # sum_s p_s (v_q,s * scale_s)
+            acc = jnp.einsum("bhts,bhsd->bhtd", pv.astype(dtype), vs.astype(dtype), preferred_element_type=jnp.float32)
             return acc / jnp.where(den > 0, den, 1.0)[..., None]
         return run
 
-    args = (q, cache.keys, cache.values, cache.positions, q_pos)
+    args = (q, cache.keys, cache.values, cache.positions, q_pos, cache.key_scales, cache.value_scales)
     if len(sizes) == 1:
         out = branch(C)(*args)
     else:
@@ -168,17 +205,23 @@ def attend(q: Array, cache: KVCache, q_pos: Array, causal: bool, context: int | 
         vs = jax.lax.dynamic_slice(cache.values, (layer, 0, 0, start, 0), (1, B, H, S, D))[0]
         kp = jax.lax.dynamic_slice(cache.positions, (layer, 0, start), (1, B, S))[0]
         s = jnp.einsum("bthd,bhds->bhts", q, ks.astype(dtype), preferred_element_type=jnp.float32) * scale
-        return jnp.where(_valid(kp, q_pos, causal, context), s, -jnp.inf), vs.astype(dtype)
+        v_scale = None
+        if cache.key_scales is not None:  # int8 ring: scales [B, H, S] of the keys (scores) and values (probs)
+            k_scale, v_scale = (jax.lax.dynamic_slice(a, (layer, 0, 0, start), (1, B, H, S))[0]
+                                for a in (cache.key_scales, cache.value_scales))
+            s = s * k_scale[:, :, None, :]
+        return jnp.where(_valid(kp, q_pos, causal, context), s, -jnp.inf), vs.astype(dtype), v_scale
 
     def accumulate(i, carry):
         m, den, acc = carry  # running max [B, H, T], denominator [B, H, T], numerator [B, H, T, D] (float32)
-        s, vs = chunk(i)
+        s, vs, v_scale = chunk(i)
         m_new = jnp.maximum(m, s.max(-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # a row with nothing valid yet
         p = jnp.exp(s - m_safe[..., None])
         corr = jnp.exp(m - m_safe)
         den = den * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("bhts,bhsd->bhtd", p.astype(dtype), vs,
+        pv = p if v_scale is None else p * v_scale[:, :, None, :]
+        acc = acc * corr[..., None] + jnp.einsum("bhts,bhsd->bhtd", pv.astype(dtype), vs,
                                                  preferred_element_type=jnp.float32)
         return m_new, den, acc
 

@@ -18,7 +18,7 @@ def test_accel_smoke_run_measures_every_section_and_writes_json_and_markdown(tmp
                            "--budget-s", "1500"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
-    for name in ("env", "engine", "train", "lora7b", "mimi_batch"):
+    for name in ("env", "engine", "train", "lora7b", "mimi_batch", "engine_int8"):
         assert "error" not in res[name] and "skipped" not in res[name], (name, res[name])
     assert res["env"]["backend"] == "cpu"
     for b in ("1", "2"):
@@ -28,8 +28,15 @@ def test_accel_smoke_run_measures_every_section_and_writes_json_and_markdown(tmp
     assert res["train"]["frames_per_s"] > 0 and res["train"]["remat"] == "dots"
     assert res["lora7b"]["lora"] is True and res["lora7b"]["frames_per_s"] > 0
     assert res["mimi_batch"]["ours_encode"]["median_ms"] > 0
+    e8 = res["engine_int8"]
+    assert e8["lm_param_bytes"] < res["engine"]["lm_param_bytes"]  # int8 transformer kernels
+    assert e8["state_bytes_B2"] < 0.75 * res["engine"]["state_bytes_B2"]  # int8 KV rings
+    assert 0 < e8["batches"]["2"]["median_ms"] <= e8["batches"]["2"]["p99_ms"]
+    q = e8["quality"]["variants"]["int8 KV + weights"]
+    assert 0 < q["text"]["max_abs"] and 0 <= q["audio"]["kl_mean"] and 0 <= q["text"]["top1_agree"] <= 1
     md = (tmp_path / "results.md").read_text()
     assert "full-duplex step, batch 2" in md and "full train step" in md and "LoRA train step" in md
+    assert "int8 KV + weights, batch 2" in md and "int8 KV + weights vs bf16" in md
 
 
 def test_accel_help_lists_the_remat_and_microbatch_flags():
