@@ -253,3 +253,27 @@ def test_signal_init_makes_a_fresh_decoder_output_depend_on_its_latent():
             np.testing.assert_array_equal(value, untouched[path])
     with pytest.raises(config_lib.ConfigError, match="codec.init"):
         micro_config("codec.init=xavier")
+
+
+def test_the_codec_output_is_aligned_with_its_input_no_latency_beyond_the_frame():
+    """Held-out SI-SNR compares the output with the input sample by sample, so the codec must not delay it: a
+    change of the input inside code frame n changes the output from frame n on (not before: causal; not only
+    later: no extra latency to align away)."""
+    from moshi_jax.mimi.model import MimiModule, host_init
+
+    cfg = micro_config()
+    mcfg = config_lib.build_mimi_config(cfg)
+    module = MimiModule(mcfg)
+    params = train_mimi.signal_preserving_init(host_init(mcfg, jax.random.PRNGKey(0)), mcfg, seed=0)
+    N = mcfg.frame_size
+    wav = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6 * N, 1)), jnp.float32)
+
+    def roundtrip(x):
+        latent = module.apply({"params": params}, x, None, method=MimiModule.encode_latent)[0]
+        return np.asarray(module.apply({"params": params}, latent, None, method=MimiModule.decode_latent)[0])[0, :, 0]
+
+    base = roundtrip(wav)
+    n = 3
+    changed = np.abs(roundtrip(wav.at[0, n * N + N - 1, 0].add(1.0)) - base) > 1e-6  # last sample of frame n
+    assert not changed[: n * N].any()
+    assert changed[n * N:(n + 1) * N].any()
