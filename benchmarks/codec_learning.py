@@ -2,6 +2,11 @@
 and a low-passed mu-law baseline at a comparable bitrate.
 
     python -m benchmarks.codec_learning --steps 150 --every 30 --out benchmarks/results/codec_learning
+    python -m benchmarks.codec_learning --steps 90 --every 30 --files 8 --run-dir runs/codec_paper \
+        --out benchmarks/results/codec_learning_paper codec.mel_weight=0 codec.l1_weight=0   # the paper recipe
+    python -m benchmarks.codec_learning --eval-only --files 8 --run-dir runs/codec_paper \
+        --out benchmarks/results/codec_learning_paper codec.mel_weight=0 codec.l1_weight=0   # + raw weights
+    python -m benchmarks.codec_learning --plot a.json b.json --out benchmarks/results/codec_learning  # one figure
     python -m benchmarks.codec_learning --aot-topology v5e:2x2     # + the released-size step AOT-compiled for TPU
 
 Training runs through the real job (`train_mimi`, the shared loop, checkpoints), in chunks of `--every` steps
