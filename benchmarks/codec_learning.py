@@ -2,6 +2,11 @@
 and a low-passed mu-law baseline at a comparable bitrate.
 
     python -m benchmarks.codec_learning --steps 150 --every 30 --out benchmarks/results/codec_learning
+    python -m benchmarks.codec_learning --steps 90 --every 30 --files 8 --run-dir runs/codec_paper \
+        --out benchmarks/results/codec_learning_paper codec.mel_weight=0 codec.l1_weight=0   # the paper recipe
+    python -m benchmarks.codec_learning --eval-only --files 8 --run-dir runs/codec_paper \
+        --out benchmarks/results/codec_learning_paper codec.mel_weight=0 codec.l1_weight=0   # + raw weights
+    python -m benchmarks.codec_learning --plot a.json b.json --out benchmarks/results/codec_learning  # one figure
     python -m benchmarks.codec_learning --aot-topology v5e:2x2     # + the released-size step AOT-compiled for TPU
 
 Training runs through the real job (`train_mimi`, the shared loop, checkpoints), in chunks of `--every` steps
@@ -82,6 +87,36 @@ def evaluate_codec(steps, state, files, mcfg, ema: bool = True) -> dict:
     return {"mel_distance": float(np.mean(mel)), "si_snr": float(np.mean(snr))}
 
 
+def kmeans_initialised(steps, state, program):
+    """The initial state with every codebook level k-means-initialised on the latents of the first training
+    batch (what the first training steps do before learning anything): the codec "at initialisation". Fresh
+    codebooks are zeros (reference buffers), which would make the initial codec output silence."""
+    import jax
+    import jax.numpy as jnp
+
+    from moshi_jax.mimi.model import MimiModule
+    from moshi_jax.mimi.vq_training import rvq_train
+
+    model = steps.model
+
+    @jax.jit  # one compilation (eagerly, every k-means level would compile on its own)
+    def init_codebooks(gen, vq, wav):
+        full = model.full_params(gen["mimi"], vq)
+        latent, _ = model.module.apply({"params": full}, wav[:, 0, :, None], None, method=MimiModule.encode_latent)
+        x = latent.reshape(-1, latent.shape[-1])
+        new_vq = {}
+        for name, levels in model.levels().items():
+            xin = x @ gen["mimi"]["quantizer"][name]["input_proj"]
+            new_vq[name] = vq[name]
+            for lvl in range(levels):  # one level per call (a level initialises once the one before it has)
+                new_vq[name] = rvq_train(xin, new_vq[name], levels, lvl, jax.random.PRNGKey(lvl), model.vq_opts)[3]
+        return new_vq
+
+    batch = next(program.train_iter())
+    new_vq = init_codebooks(jax.device_get(state.gen), jax.device_get(state.vq), jnp.asarray(batch["wav"]))
+    return state.replace(vq=new_vq)
+
+
 def baseline(files, mcfg, bitrate: float) -> dict:
     from moshi_jax.audio import load_audio
 
@@ -124,7 +159,7 @@ def run_learning(steps_total: int, every: int, run_dir: Path, overrides: list[st
     log.info("held-out: %d files; codec bitrate %.0f bps (%d levels x %d bits x %.1f Hz)", len(files), bitrate,
              mcfg.num_codebooks, math.log2(mcfg.bins), mcfg.frame_rate)
     state0, _ = steps.init()
-    curve = [{"step": 0, **evaluate_codec(steps, state0, files, mcfg)}]
+    curve = [{"step": 0, **evaluate_codec(steps, kmeans_initialised(steps, state0, program), files, mcfg)}]
     log.info("init: %s", curve[-1])
     del state0
     step_times, train_points = [], []
@@ -156,7 +191,8 @@ def run_learning(steps_total: int, every: int, run_dir: Path, overrides: list[st
 
 
 def evaluate_run(run_dir: Path, overrides: list[str], n_files: int) -> dict:
-    """Held-out metrics of a finished run's latest checkpoint, with the EMA and with the raw generator weights."""
+    """Held-out metrics of every kept checkpoint of a run (stopped or finished), with the EMA and with the raw
+    generator weights, and the mu-law baseline on the same files: a result `plot` reads (curve = EMA)."""
     import jax
 
     from moshi_jax.training import config as config_lib
@@ -167,12 +203,18 @@ def evaluate_run(run_dir: Path, overrides: list[str], n_files: int) -> dict:
     mcfg = config_lib.build_mimi_config(cfg)
     mesh = train_mimi.build_mesh(cfg)
     steps = train_mimi.CodecSteps(cfg, mcfg, mesh, train_mimi.codec_rules(cfg), train_mimi.codec_batch_shardings(mesh))
-    with Checkpointer(cfg.checkpoint_dir) as ckpt:
-        step = ckpt.latest_step()
-        state = jax.device_get(ckpt.restore(step, steps.abstract_state))
     files = heldout_files(cfg, n_files)
-    return {"step": step, "ema": evaluate_codec(steps, state, files, mcfg, ema=True),
-            "raw": evaluate_codec(steps, state, files, mcfg, ema=False)}
+    curve, raw = [], []
+    with Checkpointer(cfg.checkpoint_dir) as ckpt:
+        for step in ckpt.all_steps():
+            state = jax.device_get(ckpt.restore(step, steps.abstract_state))
+            curve.append({"step": step, **evaluate_codec(steps, state, files, mcfg, ema=True)})
+            raw.append({"step": step, **evaluate_codec(steps, state, files, mcfg, ema=False)})
+            log.info("step %d: EMA %s, raw %s", step, curve[-1], raw[-1])
+    bitrate = mcfg.num_codebooks * math.log2(mcfg.bins) * mcfg.frame_rate
+    return {"config": "mimi_tiny", "overrides": overrides, "batch": cfg.data.batch_size,
+            "segment_s": cfg.data.seq_frames * mcfg.frame_size / mcfg.sample_rate, "heldout_files": len(files),
+            "bitrate_bps": bitrate, "curve": curve, "curve_raw": raw, "baseline_mulaw": baseline(files, mcfg, bitrate)}
 
 
 def aot_released(topology: str) -> dict:
@@ -188,24 +230,37 @@ def aot_released(topology: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def plot(result: dict, path: Path) -> None:
+def run_label(result: dict) -> str:
+    """'paper recipe' (adversarial + feature matching only) or the reconstruction losses the run added."""
+    from moshi_jax.training import config as config_lib
+
+    codec = config_lib.load_config("mimi_tiny", [o for o in result["overrides"] if o.startswith("codec.")]).codec
+    if codec.mel_weight == 0 and codec.l1_weight == 0:
+        return "paper recipe (adv + feat)"
+    return f"+ mel x{codec.mel_weight:g} + L1 x{codec.l1_weight:g}"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """The held-out curves of one or more runs (EMA weights) against the mu-law baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [c["step"] for c in result["curve"]]
-    base = result["baseline_mulaw"]
+    first = results[0]
+    base = first["baseline_mulaw"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     for a, key, label in ((ax[0], "mel_distance", "mel distance (lower is better)"),
                           (ax[1], "si_snr", "SI-SNR dB (higher is better)")):
-        a.plot(steps, [c[key] for c in result["curve"]], "o-", label="mimi_tiny (EMA weights)")
+        for result in results:
+            a.plot([c["step"] for c in result["curve"]], [c[key] for c in result["curve"]], "o-",
+                   label=f"mimi_tiny, {run_label(result)}")
         a.axhline(base[key], color="gray", ls="--", label=f"mu-law {base['bits']} bit @ {base['rate_hz']} Hz")
         a.set_xlabel("training step")
-        a.set_title(f"held-out voices: {label}")
-        a.legend(fontsize=8)
-    fig.suptitle(f"mimi_tiny on CPU, {result['bitrate_bps']:.0f} bps, batch {result['batch']} x "
-                 f"{result['segment_s']:.2f} s", fontsize=10)
+        a.set_title(f"held-out voices: {label}", fontsize=10)
+        a.legend(fontsize=7)
+    fig.suptitle(f"mimi_tiny on CPU (EMA weights), {first['bitrate_bps']:.0f} bps, batch {first['batch']} x "
+                 f"{first['segment_s']:.2f} s", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -220,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aot-topology", default=None, help="also AOT-compile the released-size step (e.g. v5e:2x2)")
     p.add_argument("--aot-only", action="store_true")
     p.add_argument("--eval-only", action="store_true",
-                   help="held-out metrics of --run-dir's latest checkpoint (EMA and raw weights); no training")
+                   help="held-out metrics of --run-dir's kept checkpoints (EMA and raw weights); no training")
+    p.add_argument("--plot", nargs="+", type=Path, default=None, metavar="RESULT_JSON",
+                   help="only plot these results' curves together into <out>.png")
     p.add_argument("overrides", nargs="*", help="mimi_tiny config overrides key=value")
     args = p.parse_args(argv)
     from moshi_jax.training.loop import setup_logging
@@ -228,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result: dict = {}
+    if args.plot:
+        plot([json.loads(p.read_text()) for p in args.plot], args.out.with_suffix(".png"))
+        return 0
     if args.eval_only:
         result = evaluate_run(args.run_dir, args.overrides, args.files)
         args.out.with_name(args.out.name + "_final_eval.json").write_text(json.dumps(result, indent=2))
@@ -235,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.aot_only:
         result = run_learning(args.steps, args.every, args.run_dir, args.overrides, args.files)
-        plot(result, args.out.with_suffix(".png"))
+        plot([result], args.out.with_suffix(".png"))
     if args.aot_topology:
         result["aot_released"] = aot_released(args.aot_topology)
     path = args.out.with_suffix(".json") if not args.aot_only else args.out.with_name(args.out.name + "_aot.json")

@@ -36,7 +36,7 @@ def get_config() -> TrainConfig:
         optimizer=OptimizerConfig(lr=1e-3, b1=0.5, b2=0.9, weight_decay=0.0, schedule="cosine", warmup_steps=20,
                                   grad_clip=0.0),
         codec=CodecConfig(disc_scales=(512,), disc_filters=8, disc_lr=1e-3, adv_weight=1.0, feat_weight=1.0,
-                          mel_weight=4.0, l1_weight=1.0, mel_scales=(256, 512, 1024), n_mels=40, teacher_dim=40,
+                          mel_weight=4.0, l1_weight=4.0, mel_scales=(256, 512, 1024), n_mels=40, teacher_dim=40,
                           kmeans_iters=10,
                           weight_ema=0.99),
         checkpoint=CheckpointConfig(every=100, keep=2),

@@ -8,7 +8,9 @@ A source (`data.sources` / `data.eval_sources`) is a folder of audio files (any 
 resampled to 24 kHz mono). Train: every file of every source, shuffled per epoch and repeated, sources mixed
 by weight, each draw a random crop of `seq_frames` 80 ms frames starting on a frame boundary (seeded by the
 element's position: reproducible and resumable); shorter files are zero-padded. Eval: the first crop of
-every file, in order.
+every file, in order,
+whole global batches. Several processes: the global batches are the same whatever the process count (see
+`make_codec_dataset`).
 
 Teachers (semantic distillation targets, pooled to Mimi's 12.5 Hz, one row per code frame):
 - `logmel` (default, offline): `logmel_teacher`, a fixed deterministic feature of the whole utterance
@@ -178,14 +180,21 @@ class _MakeExample:
 
 def make_codec_dataset(data_cfg, mimi_cfg, codec_cfg, train: bool, *, process_index: int | None = None,
                        process_count: int | None = None) -> grain.IterDataset:
-    """Grain pipeline of audio crops (see the module doc). B = data.batch_size / process count."""
+    """Grain pipeline of audio crops (see the module doc): this process's rows of each global batch,
+    {"wav": float32 [B, 1, T], "teacher": float32 [B, F, teacher_dim]}, B = data.batch_size / process count.
+
+    The examples are laid out in one global order, the same for every process count, and cut into global batches
+    of `data.batch_size` by `distributed.process_batches` (as the LM pipeline): process p loads rows
+    [p*B, (p+1)*B) of each. So the global batches (and the run) do not depend on the process count, and every
+    process has the same number of eval batches (the eval pass ends with its last whole global batch)."""
     import jax
+
+    from moshi_jax.training import distributed
 
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     if data_cfg.batch_size % pc:
         raise CodecDataError(f"data.batch_size {data_cfg.batch_size} is not divisible by the {pc} processes")
-    B = data_cfg.batch_size // pc
     sources = data_cfg.sources if train else data_cfg.eval_sources
     if not sources:
         raise CodecDataError(f"data.{'sources' if train else 'eval_sources'} is empty")
@@ -193,17 +202,17 @@ def make_codec_dataset(data_cfg, mimi_cfg, codec_cfg, train: bool, *, process_in
                         codec_cfg.teacher, codec_cfg.teacher_dim)
     per_source = []
     for i, s in enumerate(sources):
-        files = [str(p) for p in list_audio(s.path)][pi::pc]
-        if not files:
-            raise CodecDataError(f"codec data source {s.path}: no file for process {pi} of {pc}")
-        ds = grain.MapDataset.source(files)
+        ds = grain.MapDataset.source([str(p) for p in list_audio(s.path)])
         per_source.append(ds.shuffle(seed=data_cfg.seed + 7919 * i).repeat(None) if train else ds)
-    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(2 * B, 8))
+    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)  # elements are this process's batches
     if not train:
         ds = per_source[0] if len(per_source) == 1 else grain.MapDataset.concatenate(per_source)
-        return ds.map(make).to_iter_dataset(read).batch(B, drop_remainder=True)
+        if len(ds) < data_cfg.batch_size:
+            raise CodecDataError(f"data.eval_sources hold {len(ds)} audio files, fewer than one global batch "
+                                 f"(data.batch_size {data_cfg.batch_size}): no eval batch")
+        return distributed.process_batches(ds.map(make), data_cfg.batch_size, pi, pc).to_iter_dataset(read)
     weights = [s.weight for s in sources]
     ds = per_source[0] if len(per_source) == 1 else grain.MapDataset.mix(per_source, [w / sum(weights)
                                                                                     for w in weights])
-    ds = ds.random_map(make, seed=data_cfg.seed + 104729)
-    return ds.to_iter_dataset(read).batch(B, drop_remainder=True)
+    ds = ds.random_map(make, seed=data_cfg.seed + 104729)  # crop seeded by the global position
+    return distributed.process_batches(ds, data_cfg.batch_size, pi, pc).to_iter_dataset(read)

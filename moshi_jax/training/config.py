@@ -250,11 +250,15 @@ class CodecConfig:
     teacher_dim: int = 64  # feature width (logmel: its number of mel bands)
     # --- weight EMA of the generator (exported); 0 disables
     weight_ema: float = 0.999
+    # --- generator init when training from scratch: "signal" (He-uniform conv kernels, zero biases: the signal
+    # reaches the output; see train_mimi.signal_preserving_init) or "reference" (the modules' PyTorch-default
+    # init, under which a fresh decoder's output ignores its input)
+    init: str = "signal"
 
     def __post_init__(self):
         _positive(self, "disc_filters", "disc_lr", "n_mels", "teacher_dim", "kmeans_iters", "dead_code_every")
         for key, allowed in (("adversarial", ("hinge", "lsgan")), ("loss_weighting", ("balancer", "fixed")),
-                             ("teacher", ("logmel", "precomputed"))):
+                             ("teacher", ("logmel", "precomputed")), ("init", ("signal", "reference"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"codec.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not self.disc_scales:

@@ -109,6 +109,43 @@ def loss_weights(c: CodecConfig) -> dict[str, float]:
     return w
 
 
+def signal_preserving_init(mimi: Any, mcfg: MimiConfig, seed: int) -> Any:
+    """Re-draw the conv kernels of Mimi params (SEANet, down/upsample) and the quantizer projections with unit
+    variance gain, U(+-sqrt(3 / fan_in)), fan_in the inputs one output sample sums (C_in / groups x K, over the
+    stride for a transposed conv), and set the conv biases to 0.
+
+    Why: with the reference modules' PyTorch-default init (U(+-1/sqrt(fan_in)), variance 1 / (3 fan_in), biases
+    alike) every layer shrinks the signal by ~sqrt(3) (more after each ELU) while the biases do not shrink, so
+    a fresh SEANet decoder's output is set by its biases and ignores its input latent (measured on mimi_tiny:
+    the part of the output that depends on the latent is 1e-3 of it), and learning has to rebuild the signal
+    path before it can reconstruct anything (SI-SNR stayed near chance for 150 steps). Transformers (layer
+    scale 0.01, near-identity) and codebooks (EMA buffers) are left as drawn."""
+    rng = np.random.default_rng([seed, 23])
+    flat = traverse_util.flatten_dict(mimi)
+    strides = {f"up_{i}": r for i, r in enumerate(mcfg.ratios)}
+    strides["upsample"] = mcfg.resample_stride
+    out = {}
+    for path, value in flat.items():
+        shape, name = value.shape, path[-1]
+        conv = path[0] in ("encoder", "decoder", "downsample", "upsample") and name in ("kernel", "bias")
+        if conv and name == "bias":
+            value = np.zeros(shape)
+        elif conv:
+            layer = path[-2]
+            if layer in strides:  # transposed conv, kernel [C_in, K, C_out / G]
+                cin_g = 1 if layer == "upsample" else shape[0]  # the resampling upsample is depthwise
+                fan_in = cin_g * shape[1] / strides[layer]
+            else:  # conv, kernel [K, C_in / G, C_out]
+                fan_in = shape[0] * shape[1]
+            bound = np.sqrt(3.0 / fan_in)
+            value = rng.uniform(-bound, bound, shape)
+        elif path[0] == "quantizer" and name in ("input_proj", "output_proj"):
+            bound = np.sqrt(3.0 / shape[0])
+            value = rng.uniform(-bound, bound, shape)
+        out[path] = jnp.asarray(value, jnp.float32)
+    return traverse_util.unflatten_dict(out)
+
+
 class CodecModel:
     """Mimi in training mode + the discriminator + the losses, as pure functions."""
 
@@ -394,6 +431,8 @@ class CodecSteps(ProgramSteps):
 
         seed = self.cfg.seed
         mimi = host_init(self.mcfg, jax.random.PRNGKey(seed))
+        if self.cfg.codec.init == "signal":
+            mimi = signal_preserving_init(mimi, self.mcfg, seed)
         rng = np.random.default_rng([seed, 17])
         D, Dt = self.mcfg.dimension, self.cfg.codec.teacher_dim
         distill = rng.uniform(-1 / np.sqrt(D), 1 / np.sqrt(D), (D, Dt)).astype(np.float32)

@@ -70,3 +70,40 @@ def test_a_folder_without_audio_is_a_clear_error(tmp_path):
     data, mcfg, ccfg = _cfgs(tmp_path)
     with pytest.raises(codec_audio.CodecDataError, match="no audio files"):
         codec_audio.make_codec_dataset(data, mcfg, ccfg, train=True)
+
+
+def _take(ds, n: int | None) -> list[dict]:
+    import itertools
+
+    return list(itertools.islice(iter(ds), n))
+
+
+def test_global_batches_do_not_depend_on_the_process_count_train_and_eval(tmp_path):
+    """Process p of P loads rows [p*B/P, (p+1)*B/P) of each global batch (as the LM pipeline): the two processes'
+    rows concatenate to the one-process batches, and both processes get the same number of eval batches."""
+    from moshi_jax.audio import save_audio
+
+    rng = np.random.default_rng(2)
+    for i in range(7):  # distinct content and lengths: any reordering or misplaced row shows
+        n = int(rng.integers(3000, 20000))
+        save_audio(tmp_path / f"u{i}.wav", (0.05 * (i + 1) * rng.standard_normal(n)).astype(np.float32), 24000)
+    data = DataConfig(sources=(DataSource(str(tmp_path)),), eval_sources=(DataSource(str(tmp_path)),),
+                      seq_frames=2, batch_size=4)
+    mcfg, ccfg = MimiConfig.tiny(), dataclasses.replace(CodecConfig(), teacher_dim=8)
+    for train, n in ((True, 5), (False, None)):
+        one = _take(codec_audio.make_codec_dataset(data, mcfg, ccfg, train, process_index=0, process_count=1), n)
+        parts = [_take(codec_audio.make_codec_dataset(data, mcfg, ccfg, train, process_index=p, process_count=2), n)
+                 for p in range(2)]
+        assert len(parts[0]) == len(parts[1]) == len(one)
+        for i, batch in enumerate(one):
+            assert batch["wav"].shape == (4, 1, 2 * 1920) and parts[0][i]["wav"].shape == (2, 1, 2 * 1920)
+            for key in ("wav", "teacher"):
+                np.testing.assert_array_equal(np.concatenate([parts[0][i][key], parts[1][i][key]]), batch[key])
+    assert len(one) == 1  # eval: 7 files -> one whole global batch of 4, on every process
+
+
+def test_an_eval_set_smaller_than_one_global_batch_is_a_clear_error(folder):
+    data, mcfg, ccfg = _cfgs(folder)
+    data = dataclasses.replace(data, batch_size=4)  # 2 files
+    with pytest.raises(codec_audio.CodecDataError, match="fewer than one global batch"):
+        codec_audio.make_codec_dataset(data, mcfg, ccfg, train=False)

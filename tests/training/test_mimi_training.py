@@ -216,3 +216,64 @@ def test_a_non_finite_gan_step_keeps_the_state_and_reports_it():
     assert int(after.step) == int(before.step) + 1
     for a, b in zip(jax.tree.leaves(after.gen), jax.tree.leaves(before.gen), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_signal_init_makes_a_fresh_decoder_output_depend_on_its_latent():
+    """Under the modules' PyTorch-default init a fresh mimi_tiny decoder's output is its biases' (the latent moves
+    it by ~1e-3 of its size), so training starts with no signal path; `codec.init=signal` (the default) redraws
+    the conv kernels with unit variance gain (Var = 1 / fan_in) and zero biases, and the output is the latent's."""
+    from flax import traverse_util
+
+    from moshi_jax.mimi.model import MimiModule, host_init
+
+    cfg = config_lib.load_config("mimi_tiny")
+    assert cfg.codec.init == "signal"
+    mcfg = config_lib.build_mimi_config(cfg)
+    module = MimiModule(mcfg)
+    latent = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, mcfg.dimension)), jnp.float32)
+    reference = host_init(mcfg, jax.random.PRNGKey(0))
+    signal = train_mimi.signal_preserving_init(reference, mcfg, seed=0)
+
+    def latent_share(params):
+        y = module.apply({"params": params}, latent, None, method=MimiModule.decode_latent)[0]
+        y0 = module.apply({"params": params}, jnp.zeros_like(latent), None, method=MimiModule.decode_latent)[0]
+        return float(jnp.std(y - y0) / jnp.std(y))
+
+    assert latent_share(reference) < 0.05
+    assert latent_share(signal) > 0.99
+    flat = traverse_util.flatten_dict(signal)
+    assert not flat[("decoder", "conv_in", "bias")].any()
+    kernel = np.asarray(flat[("encoder", "down_3", "kernel")])  # [K, C_in, C_out]: fan_in K * C_in
+    assert np.var(kernel) == pytest.approx(1 / (kernel.shape[0] * kernel.shape[1]), rel=0.1)
+    up = np.asarray(flat[("decoder", "up_0", "kernel")])  # transposed [C_in, K, C_out]: fan_in C_in * K / stride
+    assert np.var(up) == pytest.approx(1 / (up.shape[0] * up.shape[1] / mcfg.ratios[0]), rel=0.1)
+    untouched = traverse_util.flatten_dict(reference)
+    for path, value in flat.items():  # transformers keep their init
+        if "transformer" in path[0]:
+            np.testing.assert_array_equal(value, untouched[path])
+    with pytest.raises(config_lib.ConfigError, match="codec.init"):
+        micro_config("codec.init=xavier")
+
+
+def test_the_codec_output_is_aligned_with_its_input_no_latency_beyond_the_frame():
+    """Held-out SI-SNR compares the output with the input sample by sample, so the codec must not delay it: a
+    change of the input inside code frame n changes the output from frame n on (not before: causal; not only
+    later: no extra latency to align away)."""
+    from moshi_jax.mimi.model import MimiModule, host_init
+
+    cfg = micro_config()
+    mcfg = config_lib.build_mimi_config(cfg)
+    module = MimiModule(mcfg)
+    params = train_mimi.signal_preserving_init(host_init(mcfg, jax.random.PRNGKey(0)), mcfg, seed=0)
+    N = mcfg.frame_size
+    wav = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6 * N, 1)), jnp.float32)
+
+    def roundtrip(x):
+        latent = module.apply({"params": params}, x, None, method=MimiModule.encode_latent)[0]
+        return np.asarray(module.apply({"params": params}, latent, None, method=MimiModule.decode_latent)[0])[0, :, 0]
+
+    base = roundtrip(wav)
+    n = 3
+    changed = np.abs(roundtrip(wav.at[0, n * N + N - 1, 0].add(1.0)) - base) > 1e-6  # last sample of frame n
+    assert not changed[: n * N].any()
+    assert changed[n * N:(n + 1) * N].any()
