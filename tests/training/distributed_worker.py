@@ -5,8 +5,8 @@ its own XLA_FLAGS device count and MOSHI_JAX_COORDINATOR / _NUM_PROCESSES / _PRO
     python distributed_worker.py shards OUT_JSON EPOCHS [config] key=value ...   # this process's training windows
 
 `--kill-at STEP` SIGKILLs the process when the loop is about to save step STEP, once step STEP - 1's checkpoint
-is complete and sealed (a preemption at a known point). `shards` joins the run, builds the training pipeline of the config
-and writes the `window` ids of the rows this process loads in EPOCHS epochs of the (single) source.
+is complete and sealed (a preemption at a known point). `shards` joins the run, builds the training pipeline of the
+config and writes the `window` ids of the rows this process loads in EPOCHS epochs of the (single) source.
 """
 
 from __future__ import annotations
