@@ -156,7 +156,7 @@ def compile_lm(config: str, overrides: list[str], topology: str, mesh_shape: tup
         "compute_dtype": cfg.compute_dtype, "remat": cfg.remat, "lora": cfg.lora.enabled,
         "microbatches": cfg.optimizer.microbatches,
         "temporal_layers": lm_cfg.temporal.num_layers, "scan_layers": cfg.scan_layers,
-        "while_loops": count_while_loops(res.compiled),
+        "while_loops": count_program_loops(res.lowered), "compiled_while_loops": count_while_loops(res.compiled),
         "params": count_params(spec.abstract_params), "trainable_params": trainable,
         "train_state_bytes_total": state_bytes, "frozen_bytes_total": frozen_bytes,
         "flops_per_device_step": res.flops, "model_flops_per_step": program.flops_per_step,
@@ -175,8 +175,14 @@ def oom_temp_bytes(message: str) -> float | None:
     return float(m.group(1)) * 2 ** (10 * "KMGT".index(m.group(2)) + 10) if m else None
 
 
+def count_program_loops(lowered) -> int:
+    """While loops of the traced program (scanned layer stacks, the microbatch loop): StableHLO `while` ops."""
+    return len(re.findall(r"stablehlo\.while\b", lowered.as_text())) if lowered is not None else -1
+
+
 def count_while_loops(compiled) -> int:
-    """While loops in the compiled HLO (XLA's cost analysis counts each one's body once); -1 if unreadable."""
+    """While loops in the compiled HLO, the program's and any XLA made (e.g. a collective matmul decomposed over
+    the shards); XLA's cost analysis counts each one's body once. -1 if unreadable."""
     try:
         return len(re.findall(r"\bwhile\(", compiled.as_text()))
     except Exception:  # noqa: BLE001 - a backend that cannot print its executable
@@ -205,7 +211,7 @@ def fit_layers(points: list[dict], full_layers: int) -> dict:
         raise ValueError(f"need >= 2 compiled points at distinct depths, got depths {depths}")
     loops = [p.get("while_loops", 0) for p in pts]
     if any(n > 0 for n in loops):
-        raise ValueError(f"compiled points hold while loops ({loops}): XLA counts a loop body once; compile "
+        raise ValueError(f"the programs hold while loops ({loops}): XLA counts a loop body once; compile "
                          "them with scan_layers=false and optimizer.microbatches=1")
     a, b = pts[0], pts[1]
     la, lb = a["temporal_layers"], b["temporal_layers"]
