@@ -69,6 +69,7 @@ def test_fit_layers_extrapolates_linearly_and_reports_the_third_points_error():
 def test_fit_layers_refuses_points_with_while_loops_or_one_depth():
     with pytest.raises(ValueError, match="while loops"):
         tpu_aot.fit_layers([_point(1), _point(2, while_loops=1)], 32)
+    tpu_aot.fit_layers([_point(1, while_loops=2), _point(2)], 32)  # a 1-layer stack's trip-count-1 loop is exact
     with pytest.raises(ValueError, match="distinct depths"):
         tpu_aot.fit_layers([_point(1), _point(1)], 32)
 
