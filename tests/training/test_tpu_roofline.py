@@ -88,3 +88,13 @@ def test_extrapolated_step_scales_one_microbatch_to_the_whole_step():
                                                                    + accumulator)
     assert four["roofline"]["frames_per_s"] == pytest.approx(16 * 100 / four["roofline"]["roofline_s"])
     assert one["fits_hbm"] == (one["peak_bytes_per_device_estimate"] <= 95 * 2**30)
+
+
+def test_temporaries_that_shrink_with_depth_are_not_extrapolated_but_bounded_below():
+    a, b = _point(1), _point(2)
+    b["temp_size_in_bytes"] = a["temp_size_in_bytes"] - 100.0  # XLA scheduled the deeper step tighter
+    r = tpu_aot.extrapolated_step([a, b], 32)
+    assert r["memory_is_lower_bound"] is True and r["temp_size_in_bytes"] == a["temp_size_in_bytes"]
+    assert r["peak_bytes_per_device_estimate"] == pytest.approx(
+        r["argument_size_in_bytes"] + r["output_size_in_bytes"] - r["alias_size_in_bytes"] + a["temp_size_in_bytes"])
+    assert tpu_aot.extrapolated_step([_point(1), _point(2)], 32)["memory_is_lower_bound"] is False
