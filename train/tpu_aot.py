@@ -4,6 +4,8 @@
     python -m train.tpu_aot compile tiny --topology v5e:2x2 [key=value ...]      # runs inside .venv-tpu
     python -m train.tpu_aot compile 7b --topology v5p:2x2x2 --mesh 1,8,1 --json out.json
     python -m train.tpu_aot engine moshi_7b --topology v5e:2x2 --batches 1 32    # serving roofline, one chip
+    python -m train.tpu_aot compile 7b --topology v5p:2x2x2 --extrapolate-layers 1,2   # full-depth train roofline
+    python -m train.tpu_aot extrapolate L1.json L2.json --full-layers 32         # the same from point compiles
 
 libtpu must not live in the main environment (on a CPU machine it would make jax probe for TPUs), so `setup`
 creates a separate venv holding only the libtpu wheel pinned by jax's own `tpu` extra, plus a `.pth` file
@@ -13,7 +15,11 @@ itself with that venv's Python when it is not already running there, builds a me
 abstract shapes only (no parameter is allocated) and prints XLA's per-device memory analysis and FLOPs as JSON,
 with XLA's bytes accessed and a roofline against the chip's peaks (`CHIPS`): the step time if it ran at peak
 FLOP/s or peak HBM bandwidth, whichever is slower, and the MFU that implies. `engine` does the same for the
-serving step on one chip and derives the sessions a chip holds and serves in real time. The kernels are
+serving step on one chip and derives the sessions a chip holds and serves in real time.
+XLA's cost analysis counts a while loop's body once, so a scanned layer stack reports one layer: `--extrapolate-layers`
+compiles the step unrolled at a few temporal depths of the same widths and extrapolates linearly to the config's
+depth (`fit_layers`, `extrapolated_step`); a program libtpu refuses for want of HBM is reported with the
+temporaries it needed. The kernels are
 traced with `moshi_jax.nn.backend`'s portable choices (the host backend of a compile-only run is CPU).
 """
 

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_accel_smoke_run_measures_every_section_and_writes_json_and_markdown(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.accel", "--smoke", "--out", str(tmp_path),
-                           "--budget-s", "1500", "--profile"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+                           "--budget-s", "1500", "--profile"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     for name in ("env", "engine", "train", "lora7b", "mimi_batch", "train_cpu_tricks"):
