@@ -19,11 +19,18 @@ of memory does not stop the others; each gets what is left of `--budget-s`, in t
               step time, frames/s, MFU (the analytic model FLOPs / device peak), peak memory; `--train-remat`,
               `--train-microbatches` choose the remat policy and gradient accumulation
   train_ref   the reference's same step (bf16 module, the moshi-finetune loss, clip, AdamW) at `--ref-train-batch`
+  train_cpu_tricks  the same configs/2b step with the CPU choices forced (MOSHI_JAX_KERNELS=cpu: materialised
+              transposes, see moshi_jax/nn/backend.py) and the layer stacks unrolled (scan_layers=false): the
+              "both ways" row; on a GPU / TPU the tricks should cost nothing (or lose), on CPU they win
   lora7b      configs/7b LoRA train step (moshi-finetune's recipe): frames/s (moshi-finetune: ~12k per H100)
   engine_int8 the engine with the int8 KV cache and int8 weights (EngineConfig kv_cache_dtype / weight_dtype) at
               `--int8-batches` (default 1 32 64 96: the sessions bf16 cannot hold), state bytes per session, then
               its quality against bf16 (benchmarks/int8_quality.py: logit drift, greedy agreement) over
               `--int8-frames` frames
+
+`--profile`: the train sections also trace `--profile-steps` steady-state steps with jax.profiler into
+`<out>/profile/<section>/` and summarise the top device ops by time (benchmarks/trace_summary.py) into the JSON
+and the markdown (open the trace itself in Perfetto / TensorBoard).
 
 Writes results.json (everything) and results.md (the table) in `--out`, after every section.
 """
@@ -41,11 +48,12 @@ import time
 import traceback
 from pathlib import Path
 
-SECTIONS = ("env", "engine", "ref_engine", "train", "lora7b", "mimi_batch", "train_ref", "engine_int8")
-SMOKE_SECTIONS = ("env", "engine", "train", "lora7b", "mimi_batch", "engine_int8")
+SECTIONS = ("env", "engine", "ref_engine", "train", "lora7b", "mimi_batch", "train_ref", "train_cpu_tricks",
+            "engine_int8")
+SMOKE_SECTIONS = ("env", "engine", "train", "lora7b", "mimi_batch", "train_cpu_tricks", "engine_int8")
 #: seconds a section needs at least to be started (compile + a few steps on one GPU)
 NEED_S = {"env": 5, "engine": 60, "ref_engine": 30, "mimi_batch": 20, "train": 45, "train_ref": 30, "lora7b": 45,
-          "engine_int8": 60}
+          "train_cpu_tricks": 45, "engine_int8": 60}
 #: device kind substring -> (dense bf16 FLOP/s, HBM bytes/s) from the vendors' spec sheets
 PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12), "L4": (121e12, 0.3e12),
          "TPU v5p": (459e12, 2.765e12), "TPU v5 lite": (197e12, 0.819e12), "TPU v5e": (197e12, 0.819e12),
@@ -346,28 +354,33 @@ def sec_mimi_batch(s: dict) -> dict:
     return out
 
 
-def _train_setup(config: str, B: int, T: int, remat: str, microbatches: int, lora: bool):
+def _train_setup(config: str, B: int, T: int, remat: str, microbatches: int, lora: bool, scan_layers: bool = True):
     from moshi_jax.training import config as config_lib
     from moshi_jax.training.train_lm import lm_program, synthetic_codes
 
     over = [f"data.batch_size={B}", f"data.seq_frames={T}", "compute_dtype=bfloat16", f"remat={remat}",
             "data.builtin=random", "optimizer.schedule=constant", "optimizer.warmup_steps=0", "optimizer.lr=1e-5",
-            f"optimizer.microbatches={microbatches}", f"lora.enabled={'true' if lora else 'false'}"]
+            f"optimizer.microbatches={microbatches}", f"lora.enabled={'true' if lora else 'false'}",
+            f"scan_layers={'true' if scan_layers else 'false'}"]
     cfg = config_lib.load_config(config, over)
     lm_cfg = config_lib.build_lm_config(cfg)
     program = lm_program(cfg, lm_cfg)
     return cfg, lm_cfg, program, next(synthetic_codes(lm_cfg, B, T, 0))["codes"]
 
 
-def _our_train(config: str, B: int, T: int, remat: str, microbatches: int, lora: bool, steps: int) -> dict:
+def _our_train(config: str, B: int, T: int, remat: str, microbatches: int, lora: bool, steps: int,
+               scan_layers: bool = True, profile_dir: str | None = None, profile_steps: int = 3) -> dict:
+    """Our train step on one device: compile, `steps` timed steps; with `profile_dir`, `profile_steps` more under
+    jax.profiler and the summary of their top ops. The kernel choices are those in force (`backend.choices`)."""
     import jax
 
+    from moshi_jax.nn import backend
     from moshi_jax.training.mesh import LOGICAL_AXIS_RULES, make_mesh
     from moshi_jax.training.optimizer import make_optimizer, make_schedule
     from moshi_jax.training.step import ShardedStep, make_train_step
     from moshi_jax.training.train_state import build_state_spec, count_params, init_train_state
 
-    cfg, lm_cfg, program, codes = _train_setup(config, B, T, remat, microbatches, lora)
+    cfg, lm_cfg, program, codes = _train_setup(config, B, T, remat, microbatches, lora, scan_layers)
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     tx = make_optimizer(cfg.optimizer, cfg.steps)
     spec = build_state_spec(program.task, tx, mesh, LOGICAL_AXIS_RULES, cfg.lora)
@@ -397,19 +410,43 @@ def _our_train(config: str, B: int, T: int, remat: str, microbatches: int, lora:
            "remat": remat, "microbatches": microbatches, "lora": lora, "step_s": round(st, 4),
            "compile_s": round(first - st, 1), "first_loss": loss0, "flops_per_step": flops,
            "tflops": round(flops / st / 1e12, 2), "frames_per_s": round(B * T / st, 1),
-           "tokens_per_s": round(B * T * lm_cfg.num_streams / st, 1), "peak_mem_gib": _peak_mem_gib()}
+           "tokens_per_s": round(B * T * lm_cfg.num_streams / st, 1), "peak_mem_gib": _peak_mem_gib(),
+           "scan_layers": scan_layers, "kernels": str(backend.choices())}
     if peak:
         out["mfu"] = round(flops / st / peak, 3)
+    if profile_dir:
+        from benchmarks import trace_summary
+
+        with jax.profiler.trace(profile_dir):
+            for _ in range(profile_steps):
+                one()
+        summary = trace_summary.summarize(Path(profile_dir), top=15, steps=profile_steps)
+        out["profile"] = {k: summary[k] for k in ("trace", "lines", "total_ms", "ms_per_step", "ops", "categories")}
     return out
+
+
+def _profile_dir(s: dict, name: str) -> str | None:
+    return str(Path(s["out"]) / "profile" / name) if s.get("profile") else None
 
 
 def sec_train(s: dict) -> dict:
     return _our_train(s["train_config"], s["train_batch"], s["train_frames"], s["train_remat"],
-                      s["train_microbatches"], False, s["train_steps"])
+                      s["train_microbatches"], False, s["train_steps"], s["train_scan_layers"],
+                      _profile_dir(s, "train"), s["profile_steps"])
+
+
+def sec_train_cpu_tricks(s: dict) -> dict:
+    from moshi_jax.nn import backend
+
+    with backend.override("cpu"):
+        return _our_train(s["train_config"], s["train_batch"], s["train_frames"], s["train_remat"],
+                          s["train_microbatches"], False, s["train_steps"], False,
+                          _profile_dir(s, "train_cpu_tricks"), s["profile_steps"])
 
 
 def sec_lora7b(s: dict) -> dict:
-    return _our_train(s["lora_config"], s["lora_batch"], s["lora_frames"], "full", 1, True, s["train_steps"])
+    return _our_train(s["lora_config"], s["lora_batch"], s["lora_frames"], "full", 1, True, s["train_steps"],
+                      True, _profile_dir(s, "lora7b"), s["profile_steps"])
 
 
 def sec_train_ref(s: dict) -> dict:
@@ -457,7 +494,8 @@ def sec_train_ref(s: dict) -> dict:
 
 
 FUNCS = {"env": sec_env, "engine": sec_engine, "ref_engine": sec_ref_engine, "mimi_batch": sec_mimi_batch,
-         "train": sec_train, "train_ref": sec_train_ref, "lora7b": sec_lora7b, "engine_int8": sec_engine_int8}
+         "train": sec_train, "train_ref": sec_train_ref, "lora7b": sec_lora7b, "train_cpu_tricks": sec_train_cpu_tricks,
+         "engine_int8": sec_engine_int8}
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -502,7 +540,9 @@ def markdown(res: dict) -> str:
         r_d = mb.get("ref_decode", {}).get("median_ms", "-")
         lines.append(f"| Mimi {mb['seconds']} s encode / decode | {mb['ours_encode']['median_ms']} / "
                      f"{mb['ours_decode']['median_ms']} ms | {r_e} / {r_d} ms | float32 |")
-    for name, label in (("train", "full train step"), ("lora7b", "LoRA train step")):
+    for name, label in (("train", "full train step"), ("train_cpu_tricks", "full train step, CPU tricks on "
+                                                                            "(kernels=cpu, unrolled)"),
+                        ("lora7b", "LoRA train step")):
         t = res.get(name, {})
         if "step_s" in t:
             tr = res.get("train_ref", {}) if name == "train" else {}
@@ -511,6 +551,13 @@ def markdown(res: dict) -> str:
             lines.append(f"| {t['config']} {label}, B={t['B']} T={t['T']} remat {t['remat']} mb {t['microbatches']}"
                          f" | {t['step_s']} s/step, {t['frames_per_s']} frames/s, MFU {t.get('mfu')}, peak "
                          f"{t.get('peak_mem_gib')} GiB | {theirs} | compile {t['compile_s']} s |")
+    for name in ("train", "train_cpu_tricks", "lora7b"):
+        prof = res.get(name, {}).get("profile") if isinstance(res.get(name), dict) else None
+        if prof:
+            from benchmarks import trace_summary
+
+            lines += ["", f"## profile: {name} ({prof['trace']})", "",
+                      trace_summary.markdown({**prof, "distinct_ops": len(prof["ops"])}, top=10)]
     for k, v in res.items():
         if isinstance(v, dict) and ("error" in v or "skipped" in v):
             lines.append(f"| {k} | {v.get('error') or v.get('skipped')} | | |")
@@ -536,6 +583,8 @@ def settings(args) -> dict:
         "lora_frames": args.lora_frames or (16 if smoke else 512),
         "int8_batches": args.int8_batches or ([1, 2] if smoke else [1, 32, 64, 96]),
         "int8_frames": args.int8_frames or (6 if smoke else 64),
+        "train_scan_layers": args.train_scan_layers == "true", "profile": args.profile,
+        "profile_steps": args.profile_steps, "out": str(args.out.resolve()),
     }
 
 
@@ -567,6 +616,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="remat policy of the full train row (default dots)")
     p.add_argument("--train-microbatches", type=int, default=None,
                    help="gradient accumulation steps (default 4: 16k frames in 4k-frame microbatches; smoke 1)")
+    p.add_argument("--train-scan-layers", default="true", choices=("true", "false"),
+                   help="scanned (true, default) or unrolled layer stacks in the full train row")
+    p.add_argument("--profile", action="store_true", help="trace a few steady-state steps of the train sections "
+                                                          "(jax.profiler) and summarise their top ops")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps traced with --profile (default 3)")
     p.add_argument("--ref-train-batch", type=int, default=8, help="B of the reference train row (default 8)")
     p.add_argument("--lora-batch", type=int, default=None, help="B of the 7B LoRA row (default 8)")
     p.add_argument("--lora-frames", type=int, default=None, help="T of the 7B LoRA row (default 512)")

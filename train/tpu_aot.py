@@ -4,6 +4,8 @@
     python -m train.tpu_aot compile tiny --topology v5e:2x2 [key=value ...]      # runs inside .venv-tpu
     python -m train.tpu_aot compile 7b --topology v5p:2x2x2 --mesh 1,8,1 --json out.json
     python -m train.tpu_aot engine moshi_7b --topology v5e:2x2 --batches 1 32    # serving roofline, one chip
+    python -m train.tpu_aot compile 7b --topology v5p:2x2x2 --extrapolate-layers 1,2   # full-depth train roofline
+    python -m train.tpu_aot extrapolate L1.json L2.json --full-layers 32         # the same from point compiles
 
 libtpu must not live in the main environment (on a CPU machine it would make jax probe for TPUs), so `setup`
 creates a separate venv holding only the libtpu wheel pinned by jax's own `tpu` extra, plus a `.pth` file
@@ -13,7 +15,11 @@ itself with that venv's Python when it is not already running there, builds a me
 abstract shapes only (no parameter is allocated) and prints XLA's per-device memory analysis and FLOPs as JSON,
 with XLA's bytes accessed and a roofline against the chip's peaks (`CHIPS`): the step time if it ran at peak
 FLOP/s or peak HBM bandwidth, whichever is slower, and the MFU that implies. `engine` does the same for the
-serving step on one chip and derives the sessions a chip holds and serves in real time. The kernels are
+serving step on one chip and derives the sessions a chip holds and serves in real time.
+XLA's cost analysis counts a while loop's body once, so a scanned layer stack reports one layer: `--extrapolate-layers`
+compiles the step unrolled at a few temporal depths of the same widths and extrapolates linearly to the config's
+depth (`fit_layers`, `extrapolated_step`); a program libtpu refuses for want of HBM is reported with the
+temporaries it needed. The kernels are
 traced with `moshi_jax.nn.backend`'s portable choices (the host backend of a compile-only run is CPU).
 """
 
@@ -128,12 +134,23 @@ def compile_lm(config: str, overrides: list[str], topology: str, mesh_shape: tup
     B, T = cfg.data.batch_size, cfg.data.seq_frames
     batch_sh = program.batch_shardings(mesh)
     shapes = {"codes": ((B, 1 + lm_cfg.n_q, T), "int32")}
-    with backend.override("portable"):  # the host backend here is CPU; the target is a TPU
-        res = aot_compile_step(program.task, tx, make_schedule(cfg.optimizer, cfg.steps), mesh, rules, shapes,
-                               batch_sh, lora=cfg.lora, microbatches=cfg.optimizer.microbatches,
-                               compute_dtype=cfg.compute_dtype)
+    try:
+        with backend.override("portable"):  # the host backend here is CPU; the target is a TPU
+            res = aot_compile_step(program.task, tx, make_schedule(cfg.optimizer, cfg.steps), mesh, rules, shapes,
+                                   batch_sh, lora=cfg.lora, microbatches=cfg.optimizer.microbatches,
+                                   compute_dtype=cfg.compute_dtype)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # libtpu refuses to compile a program that cannot fit the chip: report what it needs instead.
+        return {"config": config, "overrides": overrides, "topology": topology, "device_kind": kind,
+                "mesh": {k: int(v) for k, v in mesh.shape.items()}, "batch": [B, 1 + lm_cfg.n_q, T],
+                "remat": cfg.remat, "lora": cfg.lora.enabled, "temporal_layers": lm_cfg.temporal.num_layers,
+                "oom": str(e).split("\n")[0][:400], "temp_required_bytes": oom_temp_bytes(str(e)),
+                "hbm_bytes_per_chip": chip_peaks(topology)[2]}
     cost = _cost(res.compiled)
     spec = build_state_spec(program.task, tx, mesh, rules, cfg.lora)
+    trainable = count_params(spec.abstract_state.params)
     state_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(spec.abstract_state))
     frozen_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(spec.abstract_frozen))
     mem = res.memory
@@ -144,7 +161,9 @@ def compile_lm(config: str, overrides: list[str], topology: str, mesh_shape: tup
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "batch": [B, 1 + lm_cfg.n_q, T],
         "compute_dtype": cfg.compute_dtype, "remat": cfg.remat, "lora": cfg.lora.enabled,
         "microbatches": cfg.optimizer.microbatches,
-        "params": count_params(spec.abstract_params), "trainable_params": count_params(spec.abstract_state.params),
+        "temporal_layers": lm_cfg.temporal.num_layers, "scan_layers": cfg.scan_layers,
+        "while_loops": count_program_loops(res.lowered), "compiled_while_loops": count_while_loops(res.compiled),
+        "params": count_params(spec.abstract_params), "trainable_params": trainable,
         "train_state_bytes_total": state_bytes, "frozen_bytes_total": frozen_bytes,
         "flops_per_device_step": res.flops, "model_flops_per_step": program.flops_per_step,
         "compile_seconds": res.compile_seconds, "num_devices": res.num_devices,
@@ -152,7 +171,145 @@ def compile_lm(config: str, overrides: list[str], topology: str, mesh_shape: tup
         "bytes_accessed_per_device_step": cost["bytes_accessed"], "xla_optimal_seconds": cost["optimal_seconds"],
         "roofline": train_roofline(topology, res.flops, cost["bytes_accessed"], program.flops_per_step,
                                    res.num_devices, B * T),
+        "hbm_bytes_per_chip": chip_peaks(topology)[2],
     }
+
+
+def oom_temp_bytes(message: str) -> float | None:
+    """The temporaries a refused TPU program needed, from libtpu's 'memory required for HLO temporaries (17.56G)'."""
+    m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+    return float(m.group(1)) * 2 ** (10 * "KMGT".index(m.group(2)) + 10) if m else None
+
+
+def count_program_loops(lowered) -> int:
+    """While loops of the traced program (scanned layer stacks, the microbatch loop): StableHLO `while` ops."""
+    return len(re.findall(r"stablehlo\.while\b", lowered.as_text())) if lowered is not None else -1
+
+
+def count_while_loops(compiled) -> int:
+    """While loops in the compiled HLO, the program's and any XLA made (e.g. a collective matmul decomposed over
+    the shards); XLA's cost analysis counts each one's body once. -1 if unreadable."""
+    try:
+        return len(re.findall(r"\bwhile\(", compiled.as_text()))
+    except Exception:  # noqa: BLE001 - a backend that cannot print its executable
+        return -1
+
+
+# ----------------------------------------------------------------------------------------------- layer extrapolation
+
+#: Per-device quantities of a compiled train step that grow linearly with the temporal depth (identical layers).
+LINEAR_FIELDS = ("flops_per_device_step", "bytes_accessed_per_device_step", "argument_size_in_bytes",
+                 "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                 "peak_bytes_per_device_estimate", "model_flops_per_step", "params", "trainable_params",
+                 "train_state_bytes_total", "frozen_bytes_total")
+#: AdamW's float32 update traffic per trainable parameter: read param, grad, mu, nu; write param, mu, nu.
+ADAMW_BYTES_PER_PARAM = 7 * 4
+
+
+def fit_layers(points: list[dict], full_layers: int) -> dict:
+    """Linear fit cost(L) = base + L * per_layer over compiled points of the same step at temporal depths L
+    (`points[i]["temporal_layers"]`, layers unrolled so that XLA counts every layer), from the two shallowest;
+    every further point checks the linearity (relative error of the prediction). Returns the fit and the
+    values at `full_layers`."""
+    pts = sorted(points, key=lambda p: p["temporal_layers"])
+    depths = [p["temporal_layers"] for p in pts]
+    if len(pts) < 2 or len(set(depths)) != len(depths):
+        raise ValueError(f"need >= 2 compiled points at distinct depths, got depths {depths}")
+    # JAX lowers a one-step scan (a 1-layer stack) as a while loop of trip count 1: counted once is exact there
+    # (and XLA removes it); deeper points must hold no loop.
+    loops = [p.get("while_loops", 0) for p in pts]
+    if any(n > 0 and p["temporal_layers"] > 1 for n, p in zip(loops, pts, strict=True)):
+        raise ValueError(f"the programs hold while loops ({loops}): XLA counts a loop body once; compile "
+                         "them with scan_layers=false and optimizer.microbatches=1")
+    a, b = pts[0], pts[1]
+    la, lb = a["temporal_layers"], b["temporal_layers"]
+    per_layer = {k: (b[k] - a[k]) / (lb - la) for k in LINEAR_FIELDS}
+    base = {k: a[k] - la * per_layer[k] for k in LINEAR_FIELDS}
+    check = {str(p["temporal_layers"]): {k: (base[k] + p["temporal_layers"] * per_layer[k] - p[k]) / p[k]
+                                         for k in LINEAR_FIELDS if p[k]} for p in pts[2:]}
+    worst = max((abs(e) for c in check.values() for e in c.values()), default=None)
+    return {"fit_depths": [la, lb], "check_depths": depths[2:], "full_layers": full_layers, "base": base,
+            "per_layer": per_layer, "at_full_depth": {k: base[k] + full_layers * per_layer[k] for k in LINEAR_FIELDS},
+            "linearity_rel_error": check, "linearity_max_rel_error": worst}
+
+
+def extrapolated_step(points: list[dict], full_layers: int, microbatches: int = 1) -> dict:
+    """The full-depth train step from unrolled shallow compiles: `fit_layers` at `full_layers`, the roofline
+    (compute and HBM time at the chip's peaks, the MFU it implies, frames/s) and the HBM fit per chip.
+
+    `microbatches` M > 1: the points are compiles of ONE microbatch (global batch B/M, no accumulation loop), so
+    the step does M times their FLOPs and bytes less the (M - 1) AdamW updates it does not repeat (analytic
+    float32 traffic, `ADAMW_BYTES_PER_PARAM`), and holds one more float32 copy of its trainable shard (the
+    gradient accumulator). Those two corrections are estimates; everything else is XLA's own count."""
+    fit = fit_layers(points, full_layers)
+    full = dict(fit["at_full_depth"])
+    # XLA's temporaries follow its scheduling: between shallow points they can even shrink with depth. Then the
+    # memory is not extrapolated: the largest point's temporaries make a lower bound (compile the scanned
+    # full-depth step for the real figure: its memory analysis is right, only its cost analysis is not).
+    temps_linear = fit["per_layer"]["temp_size_in_bytes"] >= 0
+    if not temps_linear:
+        full["temp_size_in_bytes"] = max(p["temp_size_in_bytes"] for p in points)
+        full["peak_bytes_per_device_estimate"] = (full["argument_size_in_bytes"] + full["output_size_in_bytes"]
+                                                  - full["alias_size_in_bytes"] + full["temp_size_in_bytes"])
+    p0 = points[0]
+    n, topology = p0["num_devices"], p0["topology"]
+    frames = p0["batch"][0] * p0["batch"][2]
+    if microbatches > 1:
+        update_bytes = ADAMW_BYTES_PER_PARAM * full["trainable_params"] / n
+        full["flops_per_device_step"] *= microbatches
+        full["model_flops_per_step"] *= microbatches
+        full["bytes_accessed_per_device_step"] = (microbatches * full["bytes_accessed_per_device_step"]
+                                                  - (microbatches - 1) * update_bytes)
+        accumulator = 4 * full["trainable_params"] / n
+        full["temp_size_in_bytes"] += accumulator
+        full["peak_bytes_per_device_estimate"] += accumulator
+        frames *= microbatches
+    hbm = chip_peaks(topology)[2]
+    out = {k: p0[k] for k in ("config", "topology", "device_kind", "mesh", "num_devices", "compute_dtype", "remat",
+                              "lora") if k in p0}
+    out.update({
+        "overrides": [o for o in p0["overrides"] if not o.startswith(("model.temporal.num_layers=", "scan_layers=",
+                                                                      "optimizer.microbatches="))],
+        "batch": [p0["batch"][0] * microbatches, *p0["batch"][1:]], "microbatches": microbatches,
+        "extrapolated_from_layers": fit["fit_depths"], "temporal_layers": full_layers,
+        "compile_seconds": sum(p["compile_seconds"] for p in points), **full,
+        "xla_over_model_flops": full["flops_per_device_step"] * n / full["model_flops_per_step"],
+        "roofline": train_roofline(topology, full["flops_per_device_step"], full["bytes_accessed_per_device_step"],
+                                   full["model_flops_per_step"], n, frames),
+        "hbm_bytes_per_chip": hbm, "fits_hbm": full["peak_bytes_per_device_estimate"] <= hbm,
+        "memory_is_lower_bound": not temps_linear,
+        "fit": fit, "points": points,
+    })
+    return out
+
+
+def compile_extrapolated(config: str, overrides: list[str], topology: str, layers: list[int],
+                         mesh_shape: tuple[int, ...] | None = None, batch_size: int | None = None) -> dict:
+    """Compile the LM train step unrolled (scan_layers=false) at the temporal depths `layers` (same widths,
+    same depth transformer) and extrapolate linearly to the config's depth (`extrapolated_step`): XLA's cost
+    analysis of a scanned stack counts one layer, and a full-depth unrolled 7B compile takes far longer."""
+    from moshi_jax.training import config as config_lib
+
+    cfg = config_lib.load_config(config, overrides)
+    if batch_size is not None:
+        cfg = config_lib.apply_overrides(cfg, [f"data.batch_size={batch_size}"])
+    full_layers = config_lib.build_lm_config(cfg).temporal.num_layers
+    M = cfg.optimizer.microbatches
+    points = []
+    for L in layers:
+        t0 = time.perf_counter()
+        p = compile_lm(config, [*overrides, f"model.temporal.num_layers={L}", "scan_layers=false",
+                                "optimizer.microbatches=1"], topology, mesh_shape, cfg.data.batch_size // M)
+        points.append(p)
+        if p.get("oom"):
+            print(f"  {L} temporal layers: does not fit one chip: {p['oom']}", file=sys.stderr, flush=True)
+            return {**p, "temporal_layers": full_layers, "oom_at_layers": L, "fits_hbm": False, "microbatches": M,
+                    "overrides": overrides, "points": points}
+        print(f"  {L} temporal layers: {p['flops_per_device_step']:.4e} flop, "
+              f"{p['bytes_accessed_per_device_step'] / 1e9:.2f} GB accessed, peak "
+              f"{p['peak_bytes_per_device_estimate'] / 2**30:.2f} GiB per device, {p['while_loops']} while loops "
+              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    return extrapolated_step(points, full_layers, M)
 
 
 # ----------------------------------------------------------------------------------------------- roofline
@@ -327,6 +484,12 @@ def _parse_mesh(text: str | None) -> tuple[int, ...] | None:
 
 def format_summary(r: dict) -> str:
     gib = 2 ** 30
+    if r.get("oom"):
+        need = r.get("temp_required_bytes")
+        return (f"AOT train step: config {r['config']} {' '.join(r['overrides'])} on {r['topology']} (mesh "
+                f"{r['mesh']}): DOES NOT FIT {r['hbm_bytes_per_chip'] / gib:.0f} GiB per chip at "
+                f"{r.get('oom_at_layers', r['temporal_layers'])} temporal layers"
+                + (f" (temporaries alone {need / gib:.2f} GiB)" if need else "") + f": {r['oom']}")
     lines = [f"AOT train step: config {r['config']} {' '.join(r['overrides'])} on {r['topology']} "
              f"({r['num_devices']} x {r['device_kind']}, mesh {r['mesh']})",
              f"  params {r['params'] / 1e9:.3f}B, trainable {r['trainable_params'] / 1e6:.1f}M"
@@ -343,6 +506,15 @@ def format_summary(r: dict) -> str:
         lines.append(f"  bytes accessed per device {r['bytes_accessed_per_device_step'] / 1e9:.1f} GB; roofline step "
                      f"{rf['roofline_s']:.3f} s ({rf['bound']}-bound) -> implied MFU {rf['implied_mfu']:.1%}, "
                      f"{rf['frames_per_s']:.0f} frames/s")
+    if r.get("fit"):
+        f = r["fit"]
+        err = f["linearity_max_rel_error"]
+        lines.append(f"  extrapolated from unrolled compiles at {f['fit_depths']} temporal layers to "
+                     f"{f['full_layers']} (linearity checked at {f['check_depths'] or 'no third depth'}"
+                     f"{'' if err is None else f', max rel. error {err:.2%}'}); XLA / model flops "
+                     f"{r['xla_over_model_flops']:.2f}; fits {r['hbm_bytes_per_chip'] / gib:.0f} GiB HBM: "
+                     f"{r['fits_hbm']}" + (" (temporaries not linear in depth: memory is a lower bound)"
+                                           if r.get("memory_is_lower_bound") else ""))
     return "\n".join(lines)
 
 
@@ -357,7 +529,18 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--topology", default="v5e:2x2", help="TPU topology name, e.g. v5e:2x2, v5e:4x4, v5p:2x2x2")
     c.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes (default 1,-1,1: all chips on fsdp)")
     c.add_argument("--batch-size", type=int, default=None, help="global batch (default: the config's)")
+    c.add_argument("--extrapolate-layers", default=None, metavar="L1,L2[,L3]",
+                   help="compile unrolled (scan_layers=false) at these temporal depths and extrapolate linearly to "
+                        "the config's depth (XLA counts a scanned stack's layer once); a third depth checks "
+                        "linearity. With optimizer.microbatches=M the points are one microbatch each (B/M)")
     c.add_argument("--json", type=Path, default=None, help="also write the result here")
+    x = sub.add_parser("extrapolate", help="combine `compile` JSONs of unrolled shallow points (same step, "
+                                           "model.temporal.num_layers=L scan_layers=false) into the full-depth "
+                                           "roofline; runs anywhere (no compile)")
+    x.add_argument("points", type=Path, nargs="+", help="compile --json outputs, >= 2 depths")
+    x.add_argument("--full-layers", type=int, required=True, help="temporal depth to extrapolate to (7B: 32)")
+    x.add_argument("--microbatches", type=int, default=1, help="the points are one microbatch of this many")
+    x.add_argument("--json", type=Path, default=None, help="also write the result here")
     e = sub.add_parser("engine", help="compile the full-duplex engine step for one chip of a TPU topology; print "
                                       "cost analysis, memory and the roofline time per frame / sessions per chip")
     e.add_argument("preset", nargs="?", default="moshi_7b", help="engine preset (tiny, bench_111m, moshi_7b)")
@@ -373,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "setup":
         setup(args.venv)
         return 0
+    if args.cmd == "extrapolate":
+        result = extrapolated_step([json.loads(f.read_text()) for f in args.points], args.full_layers,
+                                   args.microbatches)
+        print(format_summary(result), file=sys.stderr)
+        return _emit(result, args.json)
     if not _in_tpu_venv():  # re-run inside the TPU venv
         ok, why = venv_is_ready()
         if not ok:
@@ -392,14 +580,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "engine":
         result = compile_engine(args.preset, args.topology, args.batches, args.kernels, args.kv_cache_dtype,
                                 args.weight_dtype)
+    elif args.extrapolate_layers:
+        layers = [int(v) for v in args.extrapolate_layers.split(",")]
+        result = compile_extrapolated(args.config, args.overrides, args.topology, layers, _parse_mesh(args.mesh),
+                                      args.batch_size)
+        print(format_summary(result), file=sys.stderr)
     else:
         result = _compile(args.config, args.overrides, args.topology, _parse_mesh(args.mesh), args.batch_size)
         print(format_summary(result), file=sys.stderr)
-    text = json.dumps(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-    print(text)
+    return _emit(result, args.json)
+
+
+def _emit(result: dict, path: Path | None) -> int:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
     return 0
 
 

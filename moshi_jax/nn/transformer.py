@@ -104,6 +104,19 @@ def init_state(cfg: TransformerConfig, batch_size: int, dtype: jnp.dtype | None 
     return TransformerState(offset=jnp.zeros((batch_size,), jnp.int32), layers=layers)
 
 
+#: Logical axes of the residual stream [B, T, d] in training: batch over the data-parallel mesh axes, d_model
+#: whole on every device (rule `act_embed`). Without it GSPMD followed the weights' fsdp-sharded d_model and ran
+#: matmuls contraction-sharded on the whole global batch: a v5p:2x2x2 7B LoRA compile read 2.6x the bytes per
+#: chip (81 GB instead of 31 GB per layer per step) and did attention for all sequences on every chip.
+RESIDUAL_AXES = ("batch", "time", "act_embed")
+
+
+def constrain_residual(x: Array) -> Array:
+    """Shard the residual stream as `RESIDUAL_AXES` under a mesh with logical axis rules (the sharded train step);
+    a no-op without rules (single device, streaming, tests)."""
+    return nn.with_logical_constraint(x, RESIDUAL_AXES)
+
+
 class TransformerLayer(nn.Module):
     cfg: TransformerConfig
 
@@ -113,6 +126,8 @@ class TransformerLayer(nn.Module):
         """`layer`: `cache` holds every layer's ring stacked `[L, ...]`; this layer uses entry `layer`."""
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        if cache is None:
+            x = constrain_residual(x)
         rope = cfg.positional_embedding if cfg.positional_embedding in ("rope", "rope_concat") else "none"
         if cfg.positional_embedding == "sin_rope":
             rope = "rope"
@@ -120,6 +135,8 @@ class TransformerLayer(nn.Module):
         h, cache = Attention(cfg.d_model, cfg.num_heads, cfg.causal, cfg.context, rope, cfg.max_period,
                              cfg.mult, dtype, pdtype, name="self_attn")(h, positions, cache, step_index, layer)
         x = x.astype(h.dtype) + self._scale(h, "layer_scale_1")
+        if cache is None:
+            x = constrain_residual(x)
         h = Norm(cfg.norm, cfg.d_model, pdtype, name="norm2")(x)
         h = MLP(cfg.d_model, cfg.dim_feedforward, cfg.gating, cfg.activation, cfg.mult, dtype, pdtype,
                 name="mlp")(h, step_index)

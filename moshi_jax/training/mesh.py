@@ -34,6 +34,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("time", None),
     ("codebooks", None),
+    ("act_embed", None),  # d_model of the residual stream (nn/transformer.py RESIDUAL_AXES): not sharded
     # transformer params (moshi_jax.nn)
     ("embed", "fsdp"),  # d_model: the big axis of every weight -> ZeRO-3 sharding
     ("mlp", "tensor"),  # FFN hidden

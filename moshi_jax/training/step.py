@@ -169,6 +169,7 @@ class AotResult:
     flops: float  # XLA cost analysis flops for one step (per device program)
     compile_seconds: float
     num_devices: int
+    lowered: Any = None  # jax.stages.Lowered: the program before XLA's optimisations
 
     def summary(self) -> dict:
         return {"flops": self.flops, "compile_seconds": self.compile_seconds, "num_devices": self.num_devices,
@@ -194,7 +195,7 @@ def aot_compile_step(task: TrainTask, tx: optax.GradientTransformation, schedule
     lowered = step.lower(spec.abstract_state, batch, spec.abstract_frozen)
     compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
     seconds = time.perf_counter() - t0
-    return AotResult(compiled, memory_stats(compiled), cost_flops(compiled), seconds, mesh.size)
+    return AotResult(compiled, memory_stats(compiled), cost_flops(compiled), seconds, mesh.size, lowered)
 
 
 def memory_stats(compiled) -> dict:

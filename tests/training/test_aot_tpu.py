@@ -35,3 +35,36 @@ def test_tiny_lm_train_step_compiles_for_v5e_2x2_with_donated_sharded_state():
     assert rf["roofline_s"] == max(rf["compute_s"], rf["memory_s"]) > 0
     assert abs(rf["compute_s"] - r["flops_per_device_step"] / 197e12) < 1e-12
     assert 0 < rf["implied_mfu"] <= 1.5
+
+
+def test_layer_extrapolation_from_unrolled_shallow_compiles_matches_the_full_depth_compile():
+    # Unrolled compiles at 1 and 2 temporal layers predict the 3-layer step; the 3-layer compile is the check.
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    proc = subprocess.run([sys.executable, "-m", "train.tpu_aot", "compile", "tiny", "model.temporal.num_layers=3",
+                           "data.seq_frames=16", "--batch-size", "4", "--topology", "v5e:2x2",
+                           "--extrapolate-layers", "1,2,3"], capture_output=True, text=True, cwd=tpu_aot.REPO,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [p["temporal_layers"] for p in r["points"]] == [1, 2, 3] and r["temporal_layers"] == 3
+    # unrolled: every layer counted (a 1-layer stack is a trip-count-1 loop in the traced program, gone once compiled)
+    assert all(p["while_loops"] == 0 for p in r["points"][1:]) and not any(p["scan_layers"] for p in r["points"])
+    assert r["points"][0]["compiled_while_loops"] == 0
+    err = r["fit"]["linearity_rel_error"]["3"]
+    assert abs(err["flops_per_device_step"]) < 0.01
+    assert abs(err["bytes_accessed_per_device_step"]) < 0.05
+    assert err["model_flops_per_step"] == pytest.approx(0, abs=1e-12)  # the analytic count is exactly linear
+    assert abs(err["argument_size_in_bytes"]) < 1e-3  # state shards: linear up to padding
+    assert abs(err["alias_size_in_bytes"]) < 1e-3
+    # (temporaries follow XLA's scheduling, not a formula: reported with their error, not asserted)
+    assert "temp_size_in_bytes" in err
+    full = r["points"][2]
+    assert r["flops_per_device_step"] == pytest.approx(full["flops_per_device_step"], rel=0.01)
+    assert r["model_flops_per_step"] == pytest.approx(full["model_flops_per_step"])
+    # XLA's count of the whole unrolled step is the model's FLOPs and a little more (dense causal attention,
+    # norms, softmax), unlike a scanned stack's one-layer count.
+    assert 1.0 <= r["xla_over_model_flops"] < 1.6
+    rf = r["roofline"]
+    assert rf["roofline_s"] == max(rf["compute_s"], rf["memory_s"]) and not rf["xla_counts_loop_body_once"]
+    assert rf["frames_per_s"] == pytest.approx(4 * 16 / rf["roofline_s"])
+    assert r["fits_hbm"] is True
