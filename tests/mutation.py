@@ -10,7 +10,8 @@ file:line and the mutation: each is either a missing test or an equivalent mutan
 user sees), and the README's testing section lists the known equivalent ones.
 
 Which tests run, cheapest first (a mutant is killed at the first tier that fails, with pytest -x):
-  1. the module's own test file (tests/<pkg>/test_<name>.py, the layout mirror), if any;
+  1. the module's own tests: the files listed for it in `FOCUSED_TESTS` (modules without a test file of their
+     own, or whose own file is slow next to a focused one), else tests/<pkg>/test_<name>.py (the layout mirror);
   2. every other test file that imports the module by name (`moshi_jax.x.y` / `from moshi_jax.x import y`);
   3. the files given with --tests (e.g. a test that reaches the module only through another one).
 
@@ -46,6 +47,18 @@ _BINOP_SWAP = {
     ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult, ast.BitAnd: ast.BitOr, ast.BitOr: ast.BitAnd,
     ast.LShift: ast.RShift, ast.RShift: ast.LShift, ast.MatMult: ast.Mult,
 }
+# Modules whose "own tests" are not (only) tests/<pkg>/test_<name>.py: the smallest set of test files that
+# exercises the whole module (the building blocks of one transformer stack are pinned together against the
+# reference stack; matmul's CPU path choice lives in backend's tests).
+FOCUSED_TESTS: dict[str, list[str]] = {
+    "moshi_jax/nn/attention.py": ["tests/nn/test_transformer_parity.py"],
+    "moshi_jax/nn/mlp.py": ["tests/nn/test_transformer_parity.py"],
+    "moshi_jax/nn/norms.py": ["tests/nn/test_transformer_parity.py"],
+    "moshi_jax/nn/rope.py": ["tests/nn/test_transformer_parity.py"],
+    "moshi_jax/nn/transformer.py": ["tests/nn/test_transformer_parity.py", "tests/nn/test_streaming_transformer.py"],
+    "moshi_jax/nn/matmul.py": ["tests/nn/test_matmul.py", "tests/nn/test_backend.py"],
+}
+
 _CAST_METHODS = {"astype"}  # x.astype(t) -> x
 _CAST_FUNCS = {"int", "float", "bool", "abs", "list", "tuple", "stop_gradient"}  # f(x) -> x
 
@@ -219,10 +232,15 @@ def tests_for(module: Path, extra: list[str]) -> list[list[str]]:
     dotted = ".".join(rel.with_suffix("").parts)
     pkg, name = dotted.rsplit(".", 1)
     own = ROOT / "tests" / Path(*rel.parts[1:-1]) / f"test_{name}.py"
-    tiers = [[str(own.relative_to(ROOT))]] if own.is_file() else []
+    focused = FOCUSED_TESTS.get(str(rel))
+    if focused:
+        tiers = [focused]
+    else:
+        tiers = [[str(own.relative_to(ROOT))]] if own.is_file() else []
+    first = {ROOT / f for f in tiers[0]} if tiers else set()
     pattern = re.compile(rf"\b{re.escape(dotted)}\b|from {re.escape(pkg)} import [^\n]*\b{re.escape(name)}\b")
     users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
-                   if p != own and pattern.search(p.read_text()))
+                   if p not in first and pattern.search(p.read_text()))
     if users:
         tiers.append(users)
     if extra:
@@ -390,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="only list the mutants")
     p.add_argument("-v", "--verbose", action="store_true", help="also print every killed mutant")
     p.add_argument("--own-only", action="store_true",
-                   help="only the module's own test file (and --tests), not every test file importing it")
+                   help="only the module's own tests (FOCUSED_TESTS or its test file; and --tests), not every "
+                        "test file importing it")
     p.add_argument("--lines", help="only the mutants on these lines, e.g. 28,50 (to re-check survivors)")
     p.add_argument("--shuffle", type=int, metavar="SEED",
                    help="run the mutants in a random order, so that a run cut by --budget-min is a random sample")

@@ -1,0 +1,187 @@
+"""One transformer stack (`nn.transformer.Transformer`) equals the reference `StreamingTransformer` for each of
+its options: every norm, plain and gated MLPs with each activation, every positional embedding, LayerScale,
+per-step weights with a schedule, causal / non-causal, windows shorter than the sequence, and streaming.
+
+Both are built from one random torch state dict (converted by the LM checkpoint's own stack layout). Tiny
+stacks, eager torch, so every case runs in about a second."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moshi_jax.lm import checkpoint as ck
+from moshi_jax.nn.norms import NORMS, Norm
+from moshi_jax.nn.transformer import Transformer, TransformerConfig, init_state
+
+torch = pytest.importorskip("torch")
+ref_tr = pytest.importorskip("moshi.modules.transformer")
+
+_TORCH_ACT = {"gelu": "gelu", "relu": "relu", "silu": "silu", "elu": "elu", "tanh": "tanh", "sigmoid": "sigmoid"}
+
+CASES = {
+    # Mimi's layout: LayerNorm, plain GELU MLP, interleaved RoPE, LayerScale, a window shorter than T.
+    "mimi": TransformerConfig(d_model=16, num_heads=2, num_layers=2, dim_feedforward=24, context=3,
+                              norm="layer_norm", layer_scale=0.3, positional_embedding="rope"),
+    # Helium's layout: RMSNorm in float32, SiLU gating (dim_feedforward = 4 * d: the 21/8 hidden width).
+    "helium": TransformerConfig(d_model=16, num_heads=4, num_layers=2, dim_feedforward=64, context=5,
+                                norm="rms_norm_f32", gating="silu", positional_embedding="rope_concat",
+                                max_period=100.0),
+    # The depth transformer's layout: per-step weights with a schedule, sinusoidal positions, gelu gating.
+    "depth": TransformerConfig(d_model=16, num_heads=2, num_layers=2, dim_feedforward=40, context=4,
+                               norm="rms_norm", gating="gelu", positional_embedding="sin", positional_scale=0.5,
+                               weights_per_step=4, weights_per_step_schedule=(0, 1, 1, 2)),
+    "sin_rope": TransformerConfig(d_model=16, num_heads=2, num_layers=1, dim_feedforward=32, context=None,
+                                  norm="layer_norm_f32", activation="relu", positional_embedding="sin_rope",
+                                  max_period=50.0, layer_scale=2.0),
+    "non_causal": TransformerConfig(d_model=16, num_heads=2, num_layers=1, dim_feedforward=32, causal=False,
+                                    norm="rms_norm", gating="sigmoid", positional_embedding="none"),
+}
+
+
+def _reference(cfg: TransformerConfig, seed: int = 0):
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    kw = dict(norm=cfg.norm, gating=cfg.gating, layer_scale=cfg.layer_scale, weights_per_step=cfg.weights_per_step,
+              weights_per_step_schedule=list(cfg.weights_per_step_schedule or []) or None,
+              activation=getattr(F, _TORCH_ACT[cfg.activation]))
+    ref = ref_tr.StreamingTransformer(cfg.d_model, cfg.num_heads, cfg.num_layers, cfg.dim_feedforward,
+                                      causal=cfg.causal, context=cfg.context,
+                                      positional_embedding=cfg.positional_embedding, max_period=cfg.max_period,
+                                      positional_scale=cfg.positional_scale, **kw)
+    with torch.no_grad():  # LayerScale / norm parameters away from their init values, so they matter
+        for name, p in ref.named_parameters():
+            if p.dim() == 1 or "alpha" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return ref.eval()
+
+
+def _params(ref, cfg: TransformerConfig) -> dict:
+    """The reference's state dict in this stack's param tree (the LM checkpoint's layout of one stack)."""
+    src = ck._Source({"stack." + k: v for k, v in ref.state_dict().items()})  # per-step names normalised
+    entries = ck._stack_entries("stack", (), cfg, cfg.num_layers)
+    shapes = jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 2, cfg.d_model), cfg.dtype))
+    flat = {path: np.zeros(leaf.unbox().shape if hasattr(leaf, "unbox") else leaf.shape, np.float32)
+            for path, leaf in _flatten(shapes["params"], is_boxed=True).items()}
+    for e in entries:
+        flat[e.path][e.index] = e.to_jax(src.get(e.key))
+    assert sorted(src.keys()) == sorted(e.key for e in entries)  # every reference tensor used
+    return {"params": _unflatten(flat)}
+
+
+def _flatten(tree, prefix=(), is_boxed=False):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + (k,), is_boxed))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflatten(flat):
+    out: dict = {}
+    for path, v in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = jnp.asarray(v)
+    return out
+
+
+def _x(cfg: TransformerConfig, B: int = 2, T: int = 7, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((B, T, cfg.d_model)).astype(np.float32)
+
+
+def _assert_close(got, want, tol=2e-5):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < tol, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_one_shot_output_equals_the_reference_stack(name):
+    cfg = CASES[name]
+    if cfg.weights_per_step:  # the reference runs per-step weights only from position 0, one set per step
+        T = cfg.weights_per_step
+    else:
+        T = 7
+    ref = _reference(cfg)
+    x = _x(cfg, T=T)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).numpy()
+    got, _ = Transformer(cfg).apply(_params(ref, cfg), jnp.asarray(x))
+    _assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", ["mimi", "helium", "depth"])
+def test_streaming_one_step_at_a_time_equals_the_reference_streaming(name):
+    cfg = CASES[name]
+    T = cfg.weights_per_step or 7
+    ref = _reference(cfg)
+    x = _x(cfg, T=T, seed=2)
+    params = _params(ref, cfg)
+    model = Transformer(cfg)
+    state = init_state(cfg, x.shape[0])
+    step = jax.jit(lambda p, s, xt: model.apply(p, xt, s))
+    outs, want = [], []
+    with torch.no_grad(), ref.streaming(x.shape[0]):
+        for t in range(T):
+            want.append(ref(torch.from_numpy(x[:, t:t + 1])).numpy())
+            y, state = step(params, state, jnp.asarray(x[:, t:t + 1]))
+            outs.append(np.asarray(y))
+    _assert_close(np.concatenate(outs, 1), np.concatenate(want, 1))
+    assert np.asarray(state.offset).tolist() == [T] * x.shape[0]
+
+
+@pytest.mark.parametrize("kind", sorted(NORMS))
+@pytest.mark.parametrize("scale", [1e-3, 10.0])
+def test_each_norm_equals_the_reference_norm_including_its_epsilon(kind, scale):
+    # A small input scale makes the epsilon visible (var ~ 1e-6 against eps 1e-5); a mean far from 0 makes
+    # the layer norm's centring visible.
+    rng = np.random.default_rng(0)
+    x = (scale * rng.standard_normal((2, 3, 8)) + scale * 2.0).astype(np.float32)
+    ref = ref_tr.create_norm_fn(kind, 8)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.from_numpy(rng.standard_normal(tuple(p.shape)).astype(np.float32)))
+        want = ref(torch.from_numpy(x)).numpy()
+    params = {n: jnp.asarray(p.detach().numpy().reshape(-1)) for n, p in ref.named_parameters()}
+    names = {"weight": "scale", "bias": "bias", "alpha": "alpha"}
+    got = Norm(kind, 8).apply({"params": {names[n]: v for n, v in params.items()}}, jnp.asarray(x))
+    _assert_close(got, want, tol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["rms_norm_f32", "layer_norm_f32"])
+def test_float32_norms_of_bfloat16_input_compute_in_float32_and_return_bfloat16(kind):
+    # Values where bf16 arithmetic visibly loses precision: a large common offset with small variations.
+    x = (256.0 + jnp.arange(16, dtype=jnp.float32).reshape(1, 2, 8) / 8).astype(jnp.bfloat16)
+    norm = Norm(kind, 8)
+    params = norm.init(jax.random.PRNGKey(0), x)
+    got = norm.apply(params, x)
+    want = norm.apply(params, x.astype(jnp.float32))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32),
+                               rtol=0, atol=0)
+
+
+def test_unknown_norm_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown norm 'batch_norm'"):
+        Norm("batch_norm", 4).init(jax.random.PRNGKey(0), jnp.zeros((1, 1, 4)))
+
+
+def test_a_bfloat16_stack_returns_the_input_dtype_and_stays_close_to_float32():
+    cfg = dataclasses.replace(CASES["helium"], dtype="bfloat16")
+    ref = _reference(cfg)
+    params = _params(ref, cfg)
+    x = jnp.asarray(_x(cfg)).astype(jnp.bfloat16)
+    got, _ = Transformer(cfg).apply(params, x)
+    want, _ = Transformer(dataclasses.replace(cfg, dtype="float32")).apply(params, x.astype(jnp.float32))
+    assert got.dtype == jnp.bfloat16
+    _assert_close(got, want, tol=5e-2)
