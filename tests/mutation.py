@@ -47,14 +47,15 @@ _BINOP_SWAP = {
     ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult, ast.BitAnd: ast.BitOr, ast.BitOr: ast.BitAnd,
     ast.LShift: ast.RShift, ast.RShift: ast.LShift, ast.MatMult: ast.Mult,
 }
-# Modules whose "own tests" are not (only) tests/<pkg>/test_<name>.py: the smallest set of test files that
-# exercises the whole module (the building blocks of one transformer stack are pinned together against the
-# reference stack; matmul's CPU path choice lives in backend's tests).
+# Modules whose "own tests" are not (only) tests/<pkg>/test_<name>.py: the smallest set of tests that exercises
+# the whole module, as pytest arguments (files, `-k` selections). The building blocks of one transformer stack
+# are pinned together against the reference stack; matmul's CPU path choice lives in backend's tests.
+_STACK_PARITY = "tests/nn/test_transformer_parity.py"
 FOCUSED_TESTS: dict[str, list[str]] = {
-    "moshi_jax/nn/attention.py": ["tests/nn/test_transformer_parity.py"],
-    "moshi_jax/nn/mlp.py": ["tests/nn/test_transformer_parity.py"],
-    "moshi_jax/nn/norms.py": ["tests/nn/test_transformer_parity.py"],
-    "moshi_jax/nn/rope.py": ["tests/nn/test_transformer_parity.py"],
+    "moshi_jax/nn/attention.py": [_STACK_PARITY, "-k", "one_shot or streaming"],
+    "moshi_jax/nn/mlp.py": [_STACK_PARITY, "-k", "one_shot"],
+    "moshi_jax/nn/norms.py": [_STACK_PARITY, "-k", "norm"],
+    "moshi_jax/nn/rope.py": [_STACK_PARITY, "-k", "one_shot or streaming"],
     "moshi_jax/nn/transformer.py": ["tests/nn/test_transformer_parity.py", "tests/nn/test_streaming_transformer.py"],
     "moshi_jax/nn/matmul.py": ["tests/nn/test_matmul.py", "tests/nn/test_backend.py"],
 }
@@ -237,7 +238,7 @@ def tests_for(module: Path, extra: list[str]) -> list[list[str]]:
         tiers = [focused]
     else:
         tiers = [[str(own.relative_to(ROOT))]] if own.is_file() else []
-    first = {ROOT / f for f in tiers[0]} if tiers else set()
+    first = {ROOT / f for f in tiers[0] if f.endswith(".py")} if tiers else set()
     pattern = re.compile(rf"\b{re.escape(dotted)}\b|from {re.escape(pkg)} import [^\n]*\b{re.escape(name)}\b")
     users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
                    if p not in first and pattern.search(p.read_text()))
