@@ -158,17 +158,26 @@ def test_each_norm_equals_the_reference_norm_including_its_epsilon(kind, scale):
     _assert_close(got, want, tol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["rms_norm_f32", "layer_norm_f32"])
-def test_float32_norms_of_bfloat16_input_compute_in_float32_and_return_bfloat16(kind):
-    # Values where bf16 arithmetic visibly loses precision: a large common offset with small variations.
-    x = (256.0 + jnp.arange(16, dtype=jnp.float32).reshape(1, 2, 8) / 8).astype(jnp.bfloat16)
-    norm = Norm(kind, 8)
-    params = norm.init(jax.random.PRNGKey(0), x)
-    got = norm.apply(params, x)
-    want = norm.apply(params, x.astype(jnp.float32))
+@pytest.mark.parametrize("kind", sorted(NORMS))
+def test_each_norm_of_bfloat16_input_equals_the_reference_bit_for_bit(kind):
+    # The reference's plain norms run in the params' dtype (bf16 here), the "_f32" ones in float32 params; both
+    # give the float32 result rounded once. A large offset with small variations makes bf16 rounding visible.
+    rng = np.random.default_rng(0)
+    x = (3.0 * rng.standard_normal((2, 16, 64)) + 5.0).astype(np.float32)
+    ref = ref_tr.create_norm_fn(kind, 64)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.from_numpy(rng.standard_normal(tuple(p.shape)).astype(np.float32)))
+        if not kind.endswith("_f32"):
+            ref = ref.to(torch.bfloat16)
+        want = ref(torch.from_numpy(x).to(torch.bfloat16)).float().numpy()
+    names = {"weight": "scale", "bias": "bias", "alpha": "alpha"}
+    pdtype = jnp.float32 if kind.endswith("_f32") else jnp.bfloat16
+    params = {names[n]: jnp.asarray(p.detach().float().numpy().reshape(-1)).astype(pdtype)
+              for n, p in ref.named_parameters()}
+    got = Norm(kind, 64, param_dtype=pdtype).apply({"params": params}, jnp.asarray(x).astype(jnp.bfloat16))
     assert got.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32),
-                               rtol=0, atol=0)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), want)
 
 
 def test_unknown_norm_is_a_clear_error():
