@@ -216,3 +216,34 @@ def test_configs_the_reference_cannot_express_are_refused_on_export():
         dataclasses.replace(cfg, temporal=dataclasses.replace(cfg.temporal, weights_per_step=2)).to_reference_kwargs()
     with pytest.raises(ValueError, match="shares `causal` and `norm`"):
         dataclasses.replace(cfg, depth=dataclasses.replace(cfg.depth, causal=False)).to_reference_kwargs()
+
+
+# Options a config.json may spell out at their reference default (the port implements only the default).
+_SPELLED_OUT_DEFAULTS = {"demux_second_text_stream": False, "demux_second_stream": False, "norm_emb": False,
+                         "bias_proj": False, "depformer_norm": None, "extra_heads_num_heads": 0,
+                         "conditioners": None, "fuser": None, "condition_provider": None, "cross_attention": False,
+                         "kv_repeat": 1, "depformer_kv_repeat": 1, "quantize": False, "lora": False,
+                         "skip_self_attn": False, "depformer_skip_self_attn": False}
+
+
+@pytest.mark.parity
+def test_the_spelled_out_defaults_are_the_references():
+    import inspect
+
+    from moshi.models.lm import LMModel as RefLM
+    from moshi.modules.transformer import StreamingTransformerLayer
+
+    sig = {**inspect.signature(StreamingTransformerLayer.__init__).parameters,
+           **inspect.signature(RefLM.__init__).parameters}
+    for key, value in _SPELLED_OUT_DEFAULTS.items():
+        if key in sig:
+            assert sig[key].default == value, key
+
+
+@pytest.mark.parametrize("key", sorted(_SPELLED_OUT_DEFAULTS))
+def test_unsupported_options_at_their_default_are_accepted_and_any_other_value_refused(key):
+    default = _SPELLED_OUT_DEFAULTS[key]
+    assert LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, key: default}) == LMConfig.moshi_7b()
+    other = {bool: lambda d: not d, int: lambda d: d + 1, type(None): lambda d: {"x": {}}}[type(default)](default)
+    with pytest.raises(ValueError, match=f"{key}={other!r} is not supported"):
+        LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, key: other})
