@@ -247,3 +247,24 @@ def test_unsupported_options_at_their_default_are_accepted_and_any_other_value_r
     other = {bool: lambda d: not d, int: lambda d: d + 1, type(None): lambda d: {"x": {}}}[type(default)](default)
     with pytest.raises(ValueError, match=f"{key}={other!r} is not supported"):
         LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, key: other})
+
+
+def test_export_reproduces_the_released_7b_kwargs():
+    exported = LMConfig.moshi_7b().to_reference_kwargs()
+    # depformer_context is ignored on import (the reference forces it), the rest comes back value for value
+    want = {k: v for k, v in MOSHI_7B_KWARGS.items() if k != "depformer_context"}
+    assert {k: exported[k] for k in want} == want
+    assert all(type(exported[k]) is type(v) for k, v in want.items() if isinstance(v, bool | str | list))
+
+
+def test_sizes_are_integers_and_delays_a_tuple_whatever_the_input_types():
+    cfg = LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "hidden_scale": 4.125, "depformer_dim_feedforward": 96.0})
+    assert type(cfg.temporal.dim_feedforward) is int and cfg.temporal.dim_feedforward == 16896
+    assert type(cfg.depth.dim_feedforward) is int and cfg.depth.dim_feedforward == 96
+    listed = dataclasses.replace(cfg, delays=list(cfg.delays))
+    assert listed.delays == cfg.delays and hash(listed) == hash(cfg)  # a jit static argument
+
+
+def test_a_depformer_without_per_step_weights_keeps_a_ring_of_dep_q_steps():
+    cfg = LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "depformer_weights_per_step": False})
+    assert (cfg.depth.weights_per_step, cfg.depth.context, cfg.depth.cache_capacity) == (0, 8, 8)
