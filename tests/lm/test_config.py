@@ -268,3 +268,10 @@ def test_sizes_are_integers_and_delays_a_tuple_whatever_the_input_types():
 def test_a_depformer_without_per_step_weights_keeps_a_ring_of_dep_q_steps():
     cfg = LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "depformer_weights_per_step": False})
     assert (cfg.depth.weights_per_step, cfg.depth.context, cfg.depth.cache_capacity) == (0, 8, 8)
+
+
+def test_the_dataclass_defaults_are_the_reference_defaults():
+    from_kwargs = LMConfig.from_reference_kwargs({"num_layers": 1, "depformer_num_heads": 2, "delays": [0] * 9})
+    direct = LMConfig(text_card=from_kwargs.text_card, card=from_kwargs.card, n_q=8, dep_q=8, delays=[0] * 9,
+                      temporal=from_kwargs.temporal, depth=from_kwargs.depth)
+    assert direct == from_kwargs
