@@ -371,7 +371,7 @@ def run_module(module: Path, extra: list[str], deadline: float, per_mutant_facto
         killed, survived, not_run = 0, [], 0
         try:
             for i, m in enumerate(mutants):
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or _STOP:
                     not_run = len(mutants) - i
                     log(f"   time budget spent: {not_run} mutants not run")
                     break
@@ -396,6 +396,9 @@ def run_module(module: Path, extra: list[str], deadline: float, per_mutant_facto
         f"score {score:.1f}%" + (f", {not_run} not run" if not_run else ""))
     return {"module": str(module.relative_to(ROOT)), "mutants": len(mutants), "killed": killed,
             "survived": survived, "not_run": not_run, "score": score}
+
+
+_STOP: list[int] = []  # set by SIGTERM: finish the running mutant, then report as if the budget were spent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.error(f"no such module: {m}")
     deadline = time.monotonic() + 60 * args.budget_min
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: _STOP.append(1))
     lines = {int(x) for x in args.lines.split(",")} if args.lines else None
     results = [run_module(m, args.tests, deadline, args.timeout_factor, args.list, log, not args.spawn,
                           args.own_only, lines, args.shuffle) for m in modules]
