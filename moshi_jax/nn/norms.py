@@ -33,12 +33,12 @@ class Norm(nn.Module):
             raise ValueError(f"unknown norm {self.kind!r}; expected one of {sorted(NORMS)}")
         family, eps = NORMS[self.kind]
         in_dtype = x.dtype
-        h = x.astype(jnp.float32)
+        h = x.astype(jnp.float32)  # (bf16 / f16 params promote to float32 against it, exactly)
         if family == "rms":
             alpha = self.param("alpha", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                                (self.dim,), self.param_dtype)
             var = eps + jnp.mean(jnp.square(h), axis=-1, keepdims=True)
-            y = h * (alpha.astype(var.dtype) * jax.lax.rsqrt(var))
+            y = h * (alpha * jax.lax.rsqrt(var))
         else:
             scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                                (self.dim,), self.param_dtype)
@@ -46,5 +46,5 @@ class Norm(nn.Module):
                               (self.dim,), self.param_dtype)
             mean = jnp.mean(h, axis=-1, keepdims=True)
             var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
-            y = (h - mean) * jax.lax.rsqrt(var + eps) * scale.astype(h.dtype) + bias.astype(h.dtype)
+            y = (h - mean) * jax.lax.rsqrt(var + eps) * scale + bias
         return y.astype(in_dtype)
