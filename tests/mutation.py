@@ -53,7 +53,7 @@ _BINOP_SWAP = {
 _STACK_PARITY = "tests/nn/test_transformer_parity.py"
 FOCUSED_TESTS: dict[str, list[str]] = {
     "moshi_jax/nn/attention.py": [_STACK_PARITY, "-k", "one_shot or streaming"],
-    "moshi_jax/nn/mlp.py": [_STACK_PARITY, "-k", "one_shot"],
+    "moshi_jax/nn/mlp.py": [_STACK_PARITY, "-k", "one_shot or mlp"],
     "moshi_jax/nn/norms.py": [_STACK_PARITY, "-k", "norm"],
     "moshi_jax/nn/rope.py": [_STACK_PARITY, "-k", "one_shot or streaming"],
     "moshi_jax/nn/transformer.py": ["tests/nn/test_transformer_parity.py", "tests/nn/test_streaming_transformer.py"],

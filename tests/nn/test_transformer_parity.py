@@ -194,3 +194,10 @@ def test_a_bfloat16_stack_returns_the_input_dtype_and_stays_close_to_float32():
     want, _ = Transformer(dataclasses.replace(cfg, dtype="float32")).apply(params, x.astype(jnp.float32))
     assert got.dtype == jnp.bfloat16
     _assert_close(got, want, tol=5e-2)
+
+
+def test_a_plain_mlp_with_per_step_weights_is_refused_as_in_the_reference():
+    from moshi_jax.nn.mlp import MLP
+
+    with pytest.raises(ValueError, match="weights_per_step needs a gated MLP"):
+        MLP(16, 32, gating="none", weights_per_step=2).init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 16)))
