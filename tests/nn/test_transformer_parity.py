@@ -28,7 +28,8 @@ CASES = {
     "mimi": TransformerConfig(d_model=16, num_heads=2, num_layers=2, dim_feedforward=24, context=3,
                               norm="layer_norm", layer_scale=0.3, positional_embedding="rope"),
     # Helium's layout: RMSNorm in float32, SiLU gating (dim_feedforward = 4 * d: the 21/8 hidden width).
-    "helium": TransformerConfig(d_model=16, num_heads=4, num_layers=2, dim_feedforward=64, context=5,
+    # (d = 32: there 21 d / 8 = 84 differs from the generic 2 * 4d / 3 = 85.)
+    "helium": TransformerConfig(d_model=32, num_heads=4, num_layers=2, dim_feedforward=128, context=5,
                                 norm="rms_norm_f32", gating="silu", positional_embedding="rope_concat",
                                 max_period=100.0),
     # The depth transformer's layout: per-step weights with a schedule, sinusoidal positions, gelu gating.
@@ -118,6 +119,21 @@ def test_one_shot_output_equals_the_reference_stack(name):
         want = ref(torch.from_numpy(x)).numpy()
     got, _ = Transformer(cfg).apply(_params(ref, cfg), jnp.asarray(x))
     _assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", ["mimi", "helium"])
+def test_one_shot_arithmetic_follows_the_compute_dtype_not_the_param_dtype(name):
+    # bf16 compute with float32 master params (training) computes exactly what bf16 params compute: every
+    # weight is cast to the compute dtype where it is used. (Values representable in bf16: norms compute in
+    # float32 with the params as stored, which is then the same too.)
+    cfg = dataclasses.replace(CASES[name], dtype="bfloat16")
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), _params(_reference(cfg), cfg))
+    x = jnp.asarray(_x(cfg)).astype(jnp.bfloat16)
+    f32_params, _ = Transformer(cfg).apply(params, x)
+    bf16_params, _ = Transformer(dataclasses.replace(cfg, param_dtype="bfloat16")).apply(
+        jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), x)
+    assert f32_params.dtype == bf16_params.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(f32_params, np.float32), np.asarray(bf16_params, np.float32))
 
 
 @pytest.mark.parametrize("name", ["mimi", "helium", "depth"])
