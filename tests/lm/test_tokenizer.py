@@ -95,3 +95,9 @@ def test_other_padding_ids_are_honoured(spm_path):
     assert tok.decode_piece(4) is None and tok.decode_piece(5) is None
     assert tok.decode_piece(3) is not None and tok.decode_piece(0) == tok.piece(0)
     assert not tok.is_padding(3) and tok.is_padding(5)
+
+
+def test_a_tokenizer_built_from_a_processor_uses_moshis_pad_3_and_epad_0(tok):
+    plain = TextTokenizer(tok.sp)
+    assert (plain.padding_id, plain.end_padding_id) == (3, 0)
+    assert plain.decode_stream([3, 0] + tok.encode("fox")) == " fox"

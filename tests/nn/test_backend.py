@@ -94,3 +94,11 @@ def test_the_cpu_set_is_every_cpu_trick_and_the_portable_set_none():
     assert backend.PORTABLE == backend.Choices(materialize_transposes=False, ring_attention="whole",
                                                ring_write="scatter")
     assert backend.NAMED == {"cpu": backend.CPU, "portable": backend.PORTABLE}
+
+
+def test_the_shared_choice_sets_cannot_be_changed_by_accident():
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        backend.CPU.ring_attention = "whole"
+    assert hash(backend.CPU) != hash(backend.PORTABLE)  # usable as (part of) a cache key
