@@ -275,3 +275,8 @@ def test_the_dataclass_defaults_are_the_reference_defaults():
     direct = LMConfig(text_card=from_kwargs.text_card, card=from_kwargs.card, n_q=8, dep_q=8, delays=[0] * 9,
                       temporal=from_kwargs.temporal, depth=from_kwargs.depth)
     assert direct == from_kwargs
+
+
+def test_the_lora_settings_of_a_finetuned_repos_config_json_are_not_lm_options():
+    conf = {**MOSHI_7B_KWARGS, "lora_rank": 128, "lora_scaling": 2.0, "lora_name": "lora.safetensors"}
+    assert LMConfig.from_reference_kwargs(conf) == LMConfig.moshi_7b()
