@@ -217,3 +217,24 @@ def test_a_plain_mlp_with_per_step_weights_is_refused_as_in_the_reference():
 
     with pytest.raises(ValueError, match="weights_per_step needs a gated MLP"):
         MLP(16, 32, gating="none", weights_per_step=2).init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 16)))
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_one_shot_rope_rotates_q_and_k_exactly_like_the_reference_function(interleave):
+    # Within attention only q.k matters (any shared permutation of the head dim would pass the stack tests);
+    # the function itself returns the rotated q and k in the reference's layout.
+    from moshi.modules.rope import apply_rope as ref_rope
+
+    from moshi_jax.nn.rope import apply_rope
+
+    rng = np.random.default_rng(0)
+    q, k = (rng.standard_normal((2, 5, 3, 8)).astype(np.float32) for _ in range(2))
+    offset = np.array([0, 7])
+    want = ref_rope(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(offset), 100.0, interleave, True)
+    positions = jnp.asarray(offset[:, None] + np.arange(5)[None])
+    got = apply_rope(jnp.asarray(q), jnp.asarray(k), positions, 100.0, interleave)
+    if interleave:  # the default, as in the reference
+        np.testing.assert_array_equal(np.asarray(apply_rope(jnp.asarray(q), jnp.asarray(k), positions, 100.0)[0]),
+                                      np.asarray(got[0]))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), w.numpy(), rtol=1e-5, atol=1e-5)
