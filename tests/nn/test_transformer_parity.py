@@ -238,3 +238,13 @@ def test_one_shot_rope_rotates_q_and_k_exactly_like_the_reference_function(inter
                                       np.asarray(got[0]))
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), w.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_one_shot_sin_embedding_equals_the_reference_function_with_its_default_period():
+    from moshi_jax.nn.rope import sin_embedding
+
+    positions = np.array([[0, 1, 5, 900], [3, 4, 2000, 7]])
+    want = ref_tr.create_sin_embedding(torch.from_numpy(positions)[:, :, None], 16).numpy()
+    got = sin_embedding(jnp.asarray(positions), 16)
+    assert got.shape == (2, 4, 16)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
