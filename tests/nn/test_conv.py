@@ -140,3 +140,15 @@ def test_bad_conv_inputs_are_clear_errors():
     tr = StreamingConvTranspose1d(4, 6, 4, 2)
     with pytest.raises(ValueError, match="expected 4 channels, got 5"):
         tr.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 5)))
+
+
+def test_a_bfloat16_stream_with_a_default_float32_state_computes_in_bfloat16():
+    from moshi_jax.nn.conv import StreamingConv1d, init_conv_state
+
+    conv = StreamingConv1d(4, 6, 5, 1, dtype=jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 4)), jnp.bfloat16)
+    params = conv.init(jax.random.PRNGKey(0), x)
+    y32, _ = conv.apply(params, x, init_conv_state(2, 4, 5))  # the state's default dtype: float32
+    y16, _ = conv.apply(params, x, init_conv_state(2, 4, 5, dtype=jnp.bfloat16))
+    assert y32.dtype == y16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y32, np.float32), np.asarray(y16, np.float32))
