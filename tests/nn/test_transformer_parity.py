@@ -238,6 +238,11 @@ def test_one_shot_rope_rotates_q_and_k_exactly_like_the_reference_function(inter
                                       np.asarray(got[0]))
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), w.numpy(), rtol=1e-5, atol=1e-5)
+    # bf16 q, k: rotated in float32 (the angles too), returned in bf16
+    low = apply_rope(jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16), positions, 100.0, interleave)
+    for g, w in zip(low, want, strict=True):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), w.numpy(), rtol=2 ** -7, atol=2e-2)
 
 
 def test_one_shot_sin_embedding_equals_the_reference_function_with_its_default_period():
