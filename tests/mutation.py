@@ -10,7 +10,8 @@ file:line and the mutation: each is either a missing test or an equivalent mutan
 user sees), and the README's testing section lists the known equivalent ones.
 
 Which tests run, cheapest first (a mutant is killed at the first tier that fails, with pytest -x):
-  1. the module's own test file (tests/<pkg>/test_<name>.py, the layout mirror), if any;
+  1. the module's own tests: the files listed for it in `FOCUSED_TESTS` (modules without a test file of their
+     own, or whose own file is slow next to a focused one), else tests/<pkg>/test_<name>.py (the layout mirror);
   2. every other test file that imports the module by name (`moshi_jax.x.y` / `from moshi_jax.x import y`);
   3. the files given with --tests (e.g. a test that reaches the module only through another one).
 
@@ -46,6 +47,20 @@ _BINOP_SWAP = {
     ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult, ast.BitAnd: ast.BitOr, ast.BitOr: ast.BitAnd,
     ast.LShift: ast.RShift, ast.RShift: ast.LShift, ast.MatMult: ast.Mult,
 }
+# Modules whose "own tests" are not (only) tests/<pkg>/test_<name>.py: the smallest set of tests that exercises
+# the whole module, as pytest arguments (files, `-k` selections). The building blocks of one transformer stack
+# are pinned together against the reference stack; matmul's CPU path choice lives in backend's tests.
+_STACK_PARITY = "tests/nn/test_transformer_parity.py"
+FOCUSED_TESTS: dict[str, list[str]] = {
+    "moshi_jax/nn/attention.py": [_STACK_PARITY, "-k", "one_shot or streaming"],
+    "moshi_jax/nn/mlp.py": [_STACK_PARITY, "-k", "one_shot or mlp"],
+    "moshi_jax/nn/norms.py": [_STACK_PARITY, "-k", "norm"],
+    "moshi_jax/nn/rope.py": [_STACK_PARITY, "-k", "one_shot or streaming"],
+    "moshi_jax/nn/transformer.py": ["tests/nn/test_transformer_parity.py", "tests/nn/test_streaming_transformer.py"],
+    "moshi_jax/nn/matmul.py": ["tests/nn/test_matmul.py", "tests/nn/test_backend.py"],
+    "moshi_jax/lm/model.py": ["tests/lm/test_model_parity.py", "tests/lm/test_model_init.py"],
+}
+
 _CAST_METHODS = {"astype"}  # x.astype(t) -> x
 _CAST_FUNCS = {"int", "float", "bool", "abs", "list", "tuple", "stop_gradient"}  # f(x) -> x
 
@@ -219,10 +234,15 @@ def tests_for(module: Path, extra: list[str]) -> list[list[str]]:
     dotted = ".".join(rel.with_suffix("").parts)
     pkg, name = dotted.rsplit(".", 1)
     own = ROOT / "tests" / Path(*rel.parts[1:-1]) / f"test_{name}.py"
-    tiers = [[str(own.relative_to(ROOT))]] if own.is_file() else []
+    focused = FOCUSED_TESTS.get(str(rel))
+    if focused:
+        tiers = [focused]
+    else:
+        tiers = [[str(own.relative_to(ROOT))]] if own.is_file() else []
+    first = {ROOT / f for f in tiers[0] if f.endswith(".py")} if tiers else set()
     pattern = re.compile(rf"\b{re.escape(dotted)}\b|from {re.escape(pkg)} import [^\n]*\b{re.escape(name)}\b")
     users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
-                   if p != own and pattern.search(p.read_text()))
+                   if p not in first and pattern.search(p.read_text()))
     if users:
         tiers.append(users)
     if extra:
@@ -351,7 +371,7 @@ def run_module(module: Path, extra: list[str], deadline: float, per_mutant_facto
         killed, survived, not_run = 0, [], 0
         try:
             for i, m in enumerate(mutants):
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or _STOP:
                     not_run = len(mutants) - i
                     log(f"   time budget spent: {not_run} mutants not run")
                     break
@@ -378,6 +398,9 @@ def run_module(module: Path, extra: list[str], deadline: float, per_mutant_facto
             "survived": survived, "not_run": not_run, "score": score}
 
 
+_STOP: list[int] = []  # set by SIGTERM: finish the running mutant, then report as if the budget were spent
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.mutation", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -390,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="only list the mutants")
     p.add_argument("-v", "--verbose", action="store_true", help="also print every killed mutant")
     p.add_argument("--own-only", action="store_true",
-                   help="only the module's own test file (and --tests), not every test file importing it")
+                   help="only the module's own tests (FOCUSED_TESTS or its test file; and --tests), not every "
+                        "test file importing it")
     p.add_argument("--lines", help="only the mutants on these lines, e.g. 28,50 (to re-check survivors)")
     p.add_argument("--shuffle", type=int, metavar="SEED",
                    help="run the mutants in a random order, so that a run cut by --budget-min is a random sample")
@@ -413,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.error(f"no such module: {m}")
     deadline = time.monotonic() + 60 * args.budget_min
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: _STOP.append(1))
     lines = {int(x) for x in args.lines.split(",")} if args.lines else None
     results = [run_module(m, args.tests, deadline, args.timeout_factor, args.list, log, not args.spawn,
                           args.own_only, lines, args.shuffle) for m in modules]

@@ -39,7 +39,7 @@ class LMConfig:
     delays: tuple[int, ...]  # per stream (text first), len n_q + 1
     temporal: TransformerConfig  # Helium (the temporal transformer); its `norm` is also out_norm's
     depth: TransformerConfig | None  # the depformer; None when dep_q == 0
-    depformer_multi_linear: bool = True  # one temporal->depformer projection per depth step
+    depformer_multi_linear: bool = False  # one temporal->depformer projection per depth step (reference default)
     depformer_low_rank_embeddings: int | None = None  # depformer token tables of this rank + a linear
     existing_text_padding_id: int = 3
     existing_text_end_padding_id: int = 0

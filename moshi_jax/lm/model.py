@@ -256,8 +256,8 @@ def forward(params, codes: Array, cfg: LMConfig) -> LMOutput:
 
 
 def logits_drift(params, codes: Array, cfg: LMConfig, dtype: str = "bfloat16") -> dict[str, float]:
-    """How far the forward logits move when params and compute are cast to `dtype` (norms with `_f32` and the
-    attention softmax stay float32): max |low - f32| / max |f32| over masked-True positions, per head."""
+    """How far the forward logits move when params and compute are cast to `dtype` (norms and the attention
+    softmax stay float32): max |low - f32| / max |f32| over masked-True positions, per head."""
     low_cfg = cfg.with_dtypes(dtype, dtype)
     low = jax.tree.map(lambda x: x.astype(dtype), params)
     fwd = jax.jit(forward, static_argnums=2)

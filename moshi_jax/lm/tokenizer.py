@@ -79,7 +79,7 @@ class TextTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no BOS/EOS)."""
-        return list(self.sp.EncodeAsIds(text))
+        return self.sp.EncodeAsIds(text)  # a list already
 
     def encode_words(self, text: str) -> list[list[int]]:
         """Token ids per whitespace-separated word (what an aligned-transcript text stream places per word)."""

@@ -81,12 +81,13 @@ class Attention(nn.Module):
     keys and values into the ring first, then attends over the ring (streaming); with `layer`, the cache
     holds all layers stacked and only that layer's ring is used."""
 
+    # (no defaults for the stack's hyperparameters: TransformerConfig is their one source)
     dim: int
     num_heads: int
-    causal: bool = True
-    context: int | None = None
-    rope: str = "rope"  # "rope" (interleaved) | "rope_concat" | "none"
-    max_period: float = 10_000.0
+    causal: bool
+    context: int | None
+    rope: str  # "rope" (interleaved) | "rope_concat" | "none"
+    max_period: float
     weights_per_step: int = 0  # number of distinct per-position weight sets (0: shared)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32

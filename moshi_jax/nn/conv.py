@@ -111,7 +111,8 @@ class StreamingConv1d(nn.Module):
         previous = state.previous.astype(x.dtype)
         if ctx and self.pad_mode == "replicate":
             if T < ctx:
-                raise ValueError(f"{self.name}: replicate padding needs >= {ctx} samples on the first call")
+                # (checked on every call: whether this is the first one is only known at run time)
+                raise ValueError(f"{self.name}: replicate padding needs >= {ctx} samples per call")
             previous = jnp.where(state.first[:, None, None], jnp.broadcast_to(x[:, :1], previous.shape),
                                  previous)
         xp = jnp.concatenate([previous, x], axis=1) if ctx else x

@@ -93,3 +93,190 @@ def test_reference_builds_from_exported_kwargs_with_the_same_param_count(name):
     cfg = getattr(LMConfig, name)()
     ref = RefLM(device="meta", dtype=torch.float32, **cfg.to_reference_kwargs())
     assert sum(p.numel() for p in ref.parameters()) == param_count(abstract_params(cfg))
+
+
+def _reference_defaults() -> dict:
+    """Defaults of the reference `LMModel` kwargs (and of the `StreamingTransformer` kwargs it forwards)."""
+    import inspect
+
+    from moshi.models.lm import LMModel as RefLM
+    from moshi.modules.transformer import StreamingTransformer, StreamingTransformerLayer
+
+    out = {}
+    for fn in (StreamingTransformerLayer.__init__, StreamingTransformer.__init__, RefLM.__init__):
+        for k, p in inspect.signature(fn).parameters.items():
+            if p.default is not inspect.Parameter.empty:
+                out[k] = p.default
+    keep = {"delays", "n_q", "dep_q", "card", "text_card", "dim", "num_heads", "hidden_scale", "norm", "causal",
+            "context", "depformer_dim", "depformer_dim_feedforward", "depformer_multi_linear",
+            "depformer_weights_per_step", "depformer_pos_emb", "depformer_low_rank_embeddings", "gating",
+            "layer_scale", "max_period", "positional_scale", "positional_embedding", "existing_text_padding_id",
+            "existing_text_end_padding_id"}
+    return {k: v for k, v in out.items() if k in keep}
+
+
+@pytest.mark.parity
+def test_omitted_reference_kwargs_take_the_reference_defaults():
+    defaults = _reference_defaults()
+    assert defaults["causal"] is True and defaults["delays"] == [0]  # LMModel's own, not the transformer's
+    minimal = {"num_layers": 1, "depformer_num_heads": 2, "delays": [0] * 9}
+    assert LMConfig.from_reference_kwargs(minimal) == LMConfig.from_reference_kwargs({**defaults, **minimal})
+    cfg = LMConfig.from_reference_kwargs(minimal)
+    assert (cfg.dim, cfg.temporal.dim_feedforward, cfg.depth.dim_feedforward) == (128, 512, 1024)  # hidden_scale 4
+    # and a text-only model needs no depformer kwargs (delays [0], the reference default, is one stream)
+    text_only = LMConfig.from_reference_kwargs({"num_layers": 1, "n_q": 0, "dep_q": 0})
+    assert text_only.depth is None and text_only.delays == (0,) and text_only.num_streams == 1
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(delays=(0, 1, -1)), "delays must be >= 0"),
+    (dict(depth=None), "depth must be None exactly when dep_q == 0"),
+    (dict(dep_q=0), "depth must be None exactly when dep_q == 0"),
+    (dict(temporal="norm=batch_norm"), "unknown norm 'batch_norm'"),
+    (dict(depth="norm=layer_norm"), "one `norm` for both transformers"),
+    (dict(depth="weights_per_step=3"), "depth.weights_per_step must be 0 or dep_q"),
+    (dict(depth="weights_per_step=0,weights_per_step_schedule=None"), None),  # shared depth weights: fine
+    (dict(depth="context=1"), "depth.context must cover the dep_q depth steps"),
+    (dict(depth="context=2"), None),  # exactly dep_q: enough
+])
+def test_inconsistent_configs_are_refused_with_the_reason(change, match):
+    base = LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "n_q": 2, "dep_q": 2, "delays": [0, 0, 1],
+                                           "depformer_weights_per_step": True, "num_layers": 1,
+                                           "depformer_num_layers": 1})
+    kw = {}
+    for field, value in change.items():
+        if isinstance(value, str) and "=" in value:  # "a=1,b=2": fields of that transformer config
+            sub = dict(s.split("=") for s in value.split(","))
+            sub = {k: (None if v == "None" else int(v) if v.lstrip("-").isdigit() else v) for k, v in sub.items()}
+            value = dataclasses.replace(getattr(base, field), **sub)
+        kw[field] = value
+    if match is None:
+        dataclasses.replace(base, **kw)
+    else:
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(base, **kw)
+
+
+def test_a_schedule_without_per_step_weights_is_refused():
+    with pytest.raises(ValueError, match="needs depformer weights_per_step"):  # (an empty one: a longer one
+        LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "depformer_weights_per_step": False,  # fails earlier)
+                                        "depformer_weights_per_step_schedule": []})
+    with pytest.raises(ValueError, match="given with dep_q == 0"):
+        LMConfig.from_reference_kwargs({"num_layers": 1, "n_q": 0, "dep_q": 0,
+                                        "depformer_weights_per_step_schedule": [0]})
+
+
+def test_one_depformer_projection_without_multi_linear():
+    cfg = LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "depformer_multi_linear": False})
+    assert cfg.num_depformer_in == 1 and [cfg.depformer_in_index(k) for k in range(8)] == [0] * 8
+    multi = LMConfig.moshi_7b()
+    assert [multi.depformer_in_index(k) for k in range(8)] == list(range(8))
+
+
+def test_text_head_size_and_special_token_ids():
+    cfg = LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "text_card_out": 100})
+    assert (cfg.text_out, cfg.text_card) == (100, 32000)
+    assert LMConfig.moshi_7b().text_out == 32000
+    assert (cfg.zero_token_id, cfg.ungenerated_token_id) == (-1, -2)
+    assert cfg.to_reference_kwargs()["text_card_out"] == 100
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"activation": "relu"}, "`activation`"),
+    ({"depformer_dim_feedforward": [64, 96]}, "different sizes"),
+    ({"depformer_kv_cache": 1}, "unknown reference depformer kwargs: \\['depformer_kv_cache'\\]"),
+    ({"depformer_num_heads": None}, None),
+])
+def test_reference_kwargs_this_port_cannot_honour_are_refused(kw, match):
+    base = {k: v for k, v in MOSHI_7B_KWARGS.items()}
+    if match is None:  # no depformer heads at all: a clear error too
+        base.pop("depformer_num_heads")
+        with pytest.raises(ValueError, match="need `depformer_num_heads`"):
+            LMConfig.from_reference_kwargs(base)
+        base.pop("num_layers")
+        with pytest.raises(ValueError, match="need `num_layers`"):
+            LMConfig.from_reference_kwargs(base)
+        return
+    with pytest.raises(ValueError, match=match):
+        LMConfig.from_reference_kwargs({**base, **kw})
+
+
+def test_equal_per_step_feedforward_lists_and_falsy_unsupported_options_are_accepted():
+    cfg = LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "depformer_dim_feedforward": [96] * 8,
+                                          "conditioners": {}, "depformer_norm": None, "lora": False})
+    assert cfg.depth.dim_feedforward == 96
+
+
+def test_configs_the_reference_cannot_express_are_refused_on_export():
+    cfg = LMConfig.tiny()
+    odd = dataclasses.replace(cfg.temporal, d_model=11, num_heads=1, dim_feedforward=15)  # 15/11 * 11 < 15
+    with pytest.raises(ValueError, match="not expressible as hidden_scale"):
+        dataclasses.replace(cfg, temporal=odd).to_reference_kwargs()
+    with pytest.raises(ValueError, match="no weights_per_step"):
+        dataclasses.replace(cfg, temporal=dataclasses.replace(cfg.temporal, weights_per_step=2)).to_reference_kwargs()
+    with pytest.raises(ValueError, match="shares `causal` and `norm`"):
+        dataclasses.replace(cfg, depth=dataclasses.replace(cfg.depth, causal=False)).to_reference_kwargs()
+
+
+# Options a config.json may spell out at their reference default (the port implements only the default).
+_SPELLED_OUT_DEFAULTS = {"demux_second_text_stream": False, "demux_second_stream": False, "norm_emb": False,
+                         "bias_proj": False, "depformer_norm": None, "extra_heads_num_heads": 0,
+                         "conditioners": None, "fuser": None, "condition_provider": None, "cross_attention": False,
+                         "kv_repeat": 1, "depformer_kv_repeat": 1, "quantize": False, "lora": False,
+                         "skip_self_attn": False, "depformer_skip_self_attn": False}
+
+
+@pytest.mark.parity
+def test_the_spelled_out_defaults_are_the_references():
+    import inspect
+
+    from moshi.models.lm import LMModel as RefLM
+    from moshi.modules.transformer import StreamingTransformerLayer
+
+    sig = {**inspect.signature(StreamingTransformerLayer.__init__).parameters,
+           **inspect.signature(RefLM.__init__).parameters}
+    for key, value in _SPELLED_OUT_DEFAULTS.items():
+        if key in sig:
+            assert sig[key].default == value, key
+
+
+@pytest.mark.parametrize("key", sorted(_SPELLED_OUT_DEFAULTS))
+def test_unsupported_options_at_their_default_are_accepted_and_any_other_value_refused(key):
+    default = _SPELLED_OUT_DEFAULTS[key]
+    assert LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, key: default}) == LMConfig.moshi_7b()
+    other = {bool: lambda d: not d, int: lambda d: d + 1, type(None): lambda d: {"x": {}}}[type(default)](default)
+    with pytest.raises(ValueError, match=f"{key}={other!r} is not supported"):
+        LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, key: other})
+
+
+def test_export_reproduces_the_released_7b_kwargs():
+    exported = LMConfig.moshi_7b().to_reference_kwargs()
+    # depformer_context is ignored on import (the reference forces it), the rest comes back value for value
+    want = {k: v for k, v in MOSHI_7B_KWARGS.items() if k != "depformer_context"}
+    assert {k: exported[k] for k in want} == want
+    assert all(type(exported[k]) is type(v) for k, v in want.items() if isinstance(v, bool | str | list))
+
+
+def test_sizes_are_integers_and_delays_a_tuple_whatever_the_input_types():
+    cfg = LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "hidden_scale": 4.125, "depformer_dim_feedforward": 96.0})
+    assert type(cfg.temporal.dim_feedforward) is int and cfg.temporal.dim_feedforward == 16896
+    assert type(cfg.depth.dim_feedforward) is int and cfg.depth.dim_feedforward == 96
+    listed = dataclasses.replace(cfg, delays=list(cfg.delays))
+    assert listed.delays == cfg.delays and hash(listed) == hash(cfg)  # a jit static argument
+
+
+def test_a_depformer_without_per_step_weights_keeps_a_ring_of_dep_q_steps():
+    cfg = LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "depformer_weights_per_step": False})
+    assert (cfg.depth.weights_per_step, cfg.depth.context, cfg.depth.cache_capacity) == (0, 8, 8)
+
+
+def test_the_dataclass_defaults_are_the_reference_defaults():
+    from_kwargs = LMConfig.from_reference_kwargs({"num_layers": 1, "depformer_num_heads": 2, "delays": [0] * 9})
+    direct = LMConfig(text_card=from_kwargs.text_card, card=from_kwargs.card, n_q=8, dep_q=8, delays=[0] * 9,
+                      temporal=from_kwargs.temporal, depth=from_kwargs.depth)
+    assert direct == from_kwargs
+
+
+def test_the_lora_settings_of_a_finetuned_repos_config_json_are_not_lm_options():
+    conf = {**MOSHI_7B_KWARGS, "lora_rank": 128, "lora_scaling": 2.0, "lora_name": "lora.safetensors"}
+    assert LMConfig.from_reference_kwargs(conf) == LMConfig.moshi_7b()

@@ -79,3 +79,25 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"this is not a sentencepiece model")
     with pytest.raises(ValueError, match="not a valid SentencePiece model"):
         TextTokenizer.load(bad)
+
+
+def test_every_id_of_the_vocabulary_has_a_piece_and_ids_outside_are_errors(tok):
+    assert tok.piece(0) == "<unk>" and tok.piece(59)  # both ends of [0, vocab_size)
+    for bad in (-1, 60):
+        with pytest.raises(ValueError, match=f"text token {bad} outside"):
+            tok.piece(bad)
+        with pytest.raises(ValueError, match="outside the tokenizer vocabulary"):
+            tok.decode([5, bad])
+
+
+def test_other_padding_ids_are_honoured(spm_path):
+    tok = TextTokenizer.load(spm_path, padding_id=4, end_padding_id=5)
+    assert tok.decode_piece(4) is None and tok.decode_piece(5) is None
+    assert tok.decode_piece(3) is not None and tok.decode_piece(0) == tok.piece(0)
+    assert not tok.is_padding(3) and tok.is_padding(5)
+
+
+def test_a_tokenizer_built_from_a_processor_uses_moshis_pad_3_and_epad_0(tok):
+    plain = TextTokenizer(tok.sp)
+    assert (plain.padding_id, plain.end_padding_id) == (3, 0)
+    assert plain.decode_stream([3, 0] + tok.encode("fox")) == " fox"

@@ -85,3 +85,20 @@ def test_materialised_transposes_give_the_portable_gradients():
     gb = _traced("portable", jax.grad(loss, argnums=(0, 1)), x, w)
     for a, b in zip(ga, gb, strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_the_cpu_set_is_every_cpu_trick_and_the_portable_set_none():
+    # What the module documents (and the memory / speed figures in the README were measured with).
+    assert backend.CPU == backend.Choices(materialize_transposes=True, ring_attention="prefix",
+                                          ring_write="update_slices")
+    assert backend.PORTABLE == backend.Choices(materialize_transposes=False, ring_attention="whole",
+                                               ring_write="scatter")
+    assert backend.NAMED == {"cpu": backend.CPU, "portable": backend.PORTABLE}
+
+
+def test_the_shared_choice_sets_cannot_be_changed_by_accident():
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        backend.CPU.ring_attention = "whole"
+    assert hash(backend.CPU) != hash(backend.PORTABLE)  # usable as (part of) a cache key

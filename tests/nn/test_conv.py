@@ -18,3 +18,140 @@ def test_few_outputs_matmul_equals_convolution(K, S, n_out):
     got = _few_outputs_conv(xp, kernel, S, n_out)
     assert got.shape == want.shape == (2, n_out, 6)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --- against the reference's streaming convs (moshi.modules.conv), one shot and streamed in chunks ---------
+
+CONVS = {  # K, S, dilation, groups, pad_mode
+    "strided": (4, 2, 1, 1, "constant"),
+    "replicate_long_kernel": (7, 1, 1, 1, "replicate"),
+    "dilated": (3, 1, 2, 1, "constant"),
+    "grouped_replicate": (3, 1, 1, 2, "replicate"),
+    "pointwise": (1, 1, 1, 1, "constant"),
+}
+TRANSPOSED = {"overlapping": (4, 2, 1), "kernel_equals_stride": (3, 3, 1), "grouped": (5, 2, 2),
+              "depthwise": (4, 2, 4)}
+
+
+def _torch_conv(name):
+    import torch
+    from moshi.modules.conv import StreamingConv1d as RefConv
+
+    K, S, d, G, pad = CONVS[name]
+    torch.manual_seed(0)
+    ref = RefConv(4, 6, K, S, d, G, True, True, "none", {}, pad).eval()
+    sd = ref.state_dict()
+    params = {"kernel": jnp.asarray(sd["conv.conv.weight"].numpy().transpose(2, 1, 0)),
+              "bias": jnp.asarray(sd["conv.conv.bias"].numpy())}
+    from moshi_jax.nn.conv import StreamingConv1d
+
+    if (d, G, pad) == (1, 1, "constant"):  # the defaults, as in the reference
+        return ref, StreamingConv1d(4, 6, K, S), {"params": params}
+    return ref, StreamingConv1d(4, 6, K, S, d, G, pad_mode=pad), {"params": params}
+
+
+@pytest.mark.parametrize("name", sorted(CONVS))
+def test_conv_equals_the_reference_one_shot_and_streamed(name):
+    import torch
+
+    from moshi_jax.nn.conv import init_conv_state
+
+    ref, mod, params = _torch_conv(name)
+    K, S, d, _, _ = CONVS[name]
+    x = np.random.default_rng(1).standard_normal((2, 12 * S, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x.transpose(0, 2, 1))).numpy().transpose(0, 2, 1)
+    got, none = mod.apply(params, jnp.asarray(x))
+    assert none is None
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # streamed: chunks of 1, 2 and 5 frames (the few-outputs matmul and the XLA conv path), the state carries
+    # the left context (and the replicate padding happens on the first call only)
+    state, outs, t = init_conv_state(2, 4, K, S, d), [], 0
+    replicate = CONVS[name][4] == "replicate"  # every call needs the left context's length (checked statically)
+    for n in ((K - 1, K - 1, 5, 12) if replicate else (S, 2 * S, 5 * S, 12 * S)):
+        n = min(n, x.shape[1] - t)
+        if n <= 0:
+            break
+        y, state = mod.apply(params, jnp.asarray(x[:, t:t + n]), state)
+        outs.append(y)
+        t += n
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSPOSED))
+def test_transposed_conv_equals_the_reference_one_shot_and_streamed(name):
+    import torch
+    from moshi.modules.conv import StreamingConvTranspose1d as RefConvTr
+
+    from moshi_jax.nn.conv import StreamingConvTranspose1d, init_conv_transpose_state
+
+    K, S, G = TRANSPOSED[name]
+    torch.manual_seed(0)
+    ref = RefConvTr(4, 4 if G == 4 else 6, K, S, G, True, True, "none").eval()
+    sd = ref.state_dict()
+    params = {"params": {"kernel": jnp.asarray(sd["convtr.convtr.weight"].numpy().transpose(0, 2, 1)),
+                         "bias": jnp.asarray(sd["convtr.convtr.bias"].numpy())}}
+    out = sd["convtr.convtr.bias"].shape[0]  # (groups 1: the default, as in the reference)
+    mod = StreamingConvTranspose1d(4, out, K, S, G) if G > 1 else StreamingConvTranspose1d(4, out, K, S)
+    x = np.random.default_rng(1).standard_normal((2, 9, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x.transpose(0, 2, 1))).numpy().transpose(0, 2, 1)
+        with ref.streaming(2):
+            want_stream = np.concatenate([ref(torch.from_numpy(x[:, t:t + n].transpose(0, 2, 1))).numpy()
+                                          for t, n in ((0, 1), (1, 3), (4, 5))], axis=2).transpose(0, 2, 1)
+    got, none = mod.apply(params, jnp.asarray(x))
+    assert none is None and got.shape == (2, 9 * S, mod.out_channels)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    state, outs = init_conv_transpose_state(2, mod.out_channels, K, S), []
+    for t, n in ((0, 1), (1, 3), (4, 5)):
+        y, state = mod.apply(params, jnp.asarray(x[:, t:t + n]), state)
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), want_stream, rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_conv_weights_use_pytorchs_default_init_range():
+    from moshi_jax.nn.conv import StreamingConv1d, StreamingConvTranspose1d
+
+    x = jnp.zeros((1, 4, 8))
+    p = StreamingConv1d(8, 64, 4, 2, groups=2).init(jax.random.PRNGKey(0), x)["params"]
+    bound = 1 / np.sqrt(8 // 2 * 4)  # fan_in = in_channels / groups * kernel
+    for w in (p["kernel"].unbox(), p["bias"].unbox()):
+        assert bound * 0.8 < float(jnp.abs(w).max()) <= bound
+    p = StreamingConvTranspose1d(8, 64, 4, 2, groups=2).init(jax.random.PRNGKey(0), x)["params"]
+    bound = 1 / np.sqrt(64 // 2 * 4)  # PyTorch takes a transposed conv's fan_in from out_channels / groups
+    for w in (p["kernel"].unbox(), p["bias"].unbox()):
+        assert bound * 0.8 < float(jnp.abs(w).max()) <= bound
+
+
+def test_bad_conv_inputs_are_clear_errors():
+    from moshi_jax.nn.conv import StreamingConv1d, StreamingConvTranspose1d, conv_context, init_conv_state
+
+    conv = StreamingConv1d(4, 6, 5, 2, pad_mode="replicate")
+    params = conv.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4)))
+    with pytest.raises(ValueError, match="expected 4 channels, got 3"):
+        conv.apply(params, jnp.zeros((1, 4, 3)))
+    with pytest.raises(ValueError, match="length 5 is not a positive multiple of stride 2"):
+        conv.apply(params, jnp.zeros((1, 5, 4)))
+    with pytest.raises(ValueError, match="replicate padding needs >= 3 samples"):
+        conv.apply(params, jnp.zeros((1, 2, 4)), init_conv_state(1, 4, 5, 2))
+    assert conv_context(5, 2) == 3 and conv_context(3, 1, dilation=2) == 4 and conv_context(2, 2) == 0
+    with pytest.raises(ValueError, match="kernel 2 .*shorter than stride 3"):
+        conv_context(2, 3)
+    tr = StreamingConvTranspose1d(4, 6, 2, 3)
+    with pytest.raises(ValueError, match="kernel 2 shorter than stride 3"):
+        tr.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 4)))
+    tr = StreamingConvTranspose1d(4, 6, 4, 2)
+    with pytest.raises(ValueError, match="expected 4 channels, got 5"):
+        tr.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 5)))
+
+
+def test_a_bfloat16_stream_with_a_default_float32_state_computes_in_bfloat16():
+    from moshi_jax.nn.conv import StreamingConv1d, init_conv_state
+
+    conv = StreamingConv1d(4, 6, 5, 1, dtype=jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 4)), jnp.bfloat16)
+    params = conv.init(jax.random.PRNGKey(0), x)
+    y32, _ = conv.apply(params, x, init_conv_state(2, 4, 5))  # the state's default dtype: float32
+    y16, _ = conv.apply(params, x, init_conv_state(2, 4, 5, dtype=jnp.bfloat16))
+    assert y32.dtype == y16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y32, np.float32), np.asarray(y16, np.float32))

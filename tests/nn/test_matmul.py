@@ -77,3 +77,22 @@ def test_gradient_specs_are_derived_for_bilinear_einsums_and_refused_otherwise()
     assert matmul._grad_specs("btd,df->bf") is None  # t summed within x alone
     x, w = jnp.ones((2, 3, 4), jnp.bfloat16), jnp.ones((4, 5), jnp.bfloat16)
     np.testing.assert_array_equal(matmul.einsum("...d,de->...e", x, w), jnp.einsum("...d,de->...e", x, w))
+
+
+@pytest.mark.parametrize("dtypes", [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32),
+                                    (jnp.bfloat16, jnp.bfloat16)])
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32])
+def test_out_dtype_is_the_result_dtype_whatever_the_operands(dtypes, out_dtype):
+    x, w = _operands("btd,df->btf", jnp.float32)
+    x, w = x.astype(dtypes[0]), w.astype(dtypes[1])
+    y = matmul.einsum("btd,df->btf", x, w, out_dtype)
+    assert y.dtype == out_dtype
+    exact = jnp.einsum("btd,df->btf", x.astype(jnp.float32), w.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(exact.astype(out_dtype), np.float32),
+                               rtol=2 ** -7, atol=1e-5)
+
+
+def test_implicit_output_specs_fall_back_to_plain_einsum():
+    x, w = jnp.ones((2, 3, 4), jnp.bfloat16), jnp.ones((4, 5), jnp.bfloat16)
+    assert matmul._grad_specs("btd,df") is None
+    np.testing.assert_array_equal(matmul.einsum("btd,df", x, w), jnp.einsum("btd,df", x, w))
