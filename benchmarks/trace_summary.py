@@ -22,7 +22,9 @@ import sys
 from pathlib import Path
 
 #: events on XLA:CPU's client thread that are runtime bookkeeping, not ops of the program
-_CPU_BOOKKEEPING = re.compile(r"^(end: |ThreadpoolListener|ThunkExecutor|TfrtCpu|PjRt|Execute)")
+# runtime bookkeeping on XLA:CPU's client thread, not the program's ops (thread-pool waits appear only when the
+# pool is busy, e.g. on a loaded machine)
+_CPU_BOOKKEEPING = re.compile(r"^(end: |ThreadpoolListener|ThunkExecutor|TfrtCpu|PjRt|Execute|\w*ThreadPool::)")
 
 
 def find_trace(path: Path) -> Path:
