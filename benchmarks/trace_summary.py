@@ -5,7 +5,8 @@
 `jax.profiler.trace(dir)` writes `dir/plugins/profile/<run>/<host>.trace.json.gz` (Chrome trace events). The
 compiled program's ops are the complete ("X") events of the device op lines: on GPU / TPU the "XLA Ops" thread
 of each `/device:...` process; XLA:CPU has no device process and runs them on its client thread
-(`tf_XLA...CpuClient`, also holding bookkeeping events that are left out). Ops are summed by name (one HLO
+(`tf_XLA...CpuClient`, also holding bookkeeping events that are left out) and its Eigen pool threads
+(`tf_XLAEigen`), whose op times are summed (CPU time, not wall time). Ops are summed by name (one HLO
 instruction, e.g. `fusion.12`) and by category (the name without its `.N` suffix, or the trace's
 `hlo_category` where present: convolution / fusion / all-reduce ...), with the share of the total op time and,
 given the number of traced steps, the milliseconds per step.
@@ -21,9 +22,8 @@ import re
 import sys
 from pathlib import Path
 
-#: events on XLA:CPU's client thread that are runtime bookkeeping, not ops of the program
-# runtime bookkeeping on XLA:CPU's client thread, not the program's ops (thread-pool waits appear only when the
-# pool is busy, e.g. on a loaded machine)
+#: events on XLA:CPU's op threads that are runtime bookkeeping, not ops of the program (thread-pool waits appear
+#: only when the pool is busy, e.g. on a loaded machine)
 _CPU_BOOKKEEPING = re.compile(r"^(end: |ThreadpoolListener|ThunkExecutor|TfrtCpu|PjRt|Execute|\w*ThreadPool::)")
 
 
@@ -53,7 +53,9 @@ def op_lines(events: list[dict]) -> tuple[set[tuple], str]:
               if str(procs.get(k[0], "")).startswith("/device:") and name == "XLA Ops"}
     if device:
         return device, "device"
-    return {k for k, name in threads.items() if "XLA" in name and "Client" in name}, "cpu"
+    # XLA:CPU runs a program's thunks on the client thread and on its Eigen intra-op pool (which thread takes which
+    # op varies from run to run): both hold ops; op time is then summed over threads (CPU time, not wall time)
+    return {k for k, name in threads.items() if "XLA" in name and ("Client" in name or "Eigen" in name)}, "cpu"
 
 
 def category(event: dict) -> str:
