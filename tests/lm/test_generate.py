@@ -210,6 +210,14 @@ def test_bad_user_codes_shape_is_a_clear_error(cfg, params):
         G.init_gen_state(cfg, 0)
 
 
+def test_a_state_made_for_another_config_is_a_clear_error(cfg, params):
+    # a token cache one column short (another LMConfig's max delay): refused by name, not indexed modulo its size
+    state = G.init_gen_state(cfg, B)
+    short = state.replace(cache=state.cache[:, :, :-1])
+    with pytest.raises(ValueError, match="does not match this LMConfig"):
+        G.step(params, short, np.zeros((B, cfg.n_q - cfg.dep_q), np.int32), None, cfg=cfg, sampling=GREEDY)
+
+
 def test_lmgen_wrapper_returns_none_first_then_aligned_frames(cfg, params):
     user = _user(cfg, B, T, seed=9)
     _, outs = _greedy_run(params, cfg, user)
