@@ -172,6 +172,17 @@ def test_codes_with_wrong_stream_count_are_rejected():
         jax.eval_shape(LMModel(cfg).apply, params, jnp.zeros((1, 5, 3), jnp.int32))
 
 
+def test_temporal_step_input_with_wrong_stream_count_is_rejected():
+    # the streaming path calls `temporal` directly (no `codes` check before it): a frame of another layout is
+    # refused by name instead of silently embedding the wrong streams
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    params = jax.eval_shape(LMModel(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 4, 3), jnp.int32))
+    for shape in ((1, 5, 1), (1, 3, 1), (4, 1)):
+        with pytest.raises(ValueError, match=r"tokens must be \[B, 4, T\]"):
+            jax.eval_shape(lambda p, t: LMModel(cfg).apply(p, t, method=LMModel.temporal), params,
+                           jnp.zeros(shape, jnp.int32))
+
+
 def test_text_only_model_without_depformer_runs():
     cfg = LMConfig.from_reference_kwargs({**TEST_LM_KWARGS, "dep_q": 0, "depformer_weights_per_step_schedule": None})
     assert cfg.depth is None
