@@ -48,6 +48,8 @@ import time
 import traceback
 from pathlib import Path
 
+from benchmarks.common import time_fn
+
 SECTIONS = ("env", "engine", "ref_engine", "train", "lora7b", "mimi_batch", "train_ref", "train_cpu_tricks",
             "engine_int8")
 SMOKE_SECTIONS = ("env", "engine", "train", "lora7b", "mimi_batch", "train_cpu_tricks", "engine_int8")
@@ -90,12 +92,6 @@ def device_peaks() -> tuple[float | None, float | None]:
     return None, None
 
 
-def _nbytes(tree) -> int:
-    import jax
-
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
 def _is_oom(e: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
@@ -135,6 +131,7 @@ def sec_engine(s: dict) -> dict:
     from moshi_jax.lm import generate as gen
     from moshi_jax.lm import model as lm_model
     from moshi_jax.mimi.model import MimiCodec
+    from moshi_jax.nn.quant import nbytes
     from moshi_jax.nn.sampling import SamplingConfig
 
     mimi_cfg, lm_cfg = preset_configs(s["preset"])
@@ -146,7 +143,7 @@ def sec_engine(s: dict) -> dict:
                                    consume=True)
     del raw
     jax.block_until_ready(params)
-    lm_bytes = _nbytes(params["lm"])
+    lm_bytes = nbytes(params["lm"])
     out = {"preset": s["preset"], "init_s": round(time.perf_counter() - t0, 1), "lm_param_bytes": lm_bytes,
            "mem_after_params_gib": _peak_mem_gib(), "batches": {}}
     _time_engine(engine, params, s, s["batches"], out)
@@ -157,17 +154,14 @@ def sec_engine(s: dict) -> dict:
         user = jax.numpy.zeros((1, cfg.n_q - cfg.dep_q), jax.numpy.int32)
         state = gen.init_gen_state(cfg, 1)
         key = jax.random.PRNGKey(0)
-        t = time.perf_counter()
-        state, o = gen.step_donated(params["lm"], state, user, key, cfg=cfg, sampling=SamplingConfig())
-        np.asarray(o.text)
-        first = time.perf_counter() - t
-        times = []
-        for _ in range(s["iters"] + 5):
-            t = time.perf_counter()
-            state, o = gen.step_donated(params["lm"], state, user, key, cfg=cfg, sampling=SamplingConfig())
-            np.asarray(o.text)
-            times.append(time.perf_counter() - t)
-        r = _pct(times[5:])
+        h = {"state": state}
+
+        def lm_step():
+            h["state"], o = gen.step_donated(params["lm"], h["state"], user, key, cfg=cfg, sampling=SamplingConfig())
+            return np.asarray(o.text)
+
+        first, _, times = time_fn(lm_step, warmup=6, iters=s["iters"])  # the first call + 5 more untimed
+        r = _pct(times)
         r["compile_s"] = round(first - r["median_ms"] / 1e3, 1)
         if bw:
             r["weight_read_floor_ms"] = round(1e3 * lm_bytes / bw, 3)
@@ -178,9 +172,26 @@ def sec_engine(s: dict) -> dict:
     return out
 
 
+def _frame_stepper(engine, params, state, pcm):
+    """A no-argument call that runs the donated engine step on the next frame of `pcm` [N, B, frame]."""
+    import numpy as np
+
+    active = np.ones(pcm.shape[1], bool)
+    h = {"state": state, "i": 0}
+
+    def frame():
+        h["state"], o = engine.step_donated(params, h["state"], pcm[h["i"]], active)
+        h["i"] += 1
+        return np.asarray(o.pcm), np.asarray(o.text_token)
+
+    return frame
+
+
 def _time_engine(engine, params, s: dict, batches: list[int], out: dict) -> None:
     """p50 / p99 per frame of `engine.step_donated` at each batch, into out["batches"] (and state bytes)."""
     import numpy as np
+
+    from moshi_jax.nn.quant import nbytes
 
     rng = np.random.default_rng(0)
     iters, warm = s["iters"], 5
@@ -190,25 +201,17 @@ def _time_engine(engine, params, s: dict, batches: list[int], out: dict) -> None
             continue
         try:
             state = engine.init_state(B)
-            out[f"state_bytes_B{B}"] = _nbytes(state)
+            out[f"state_bytes_B{B}"] = nbytes(state)
             pcm = (0.1 * rng.standard_normal((iters + warm + 1, B, engine.frame_size))).astype(np.float32)
-            active = np.ones(B, bool)
-            t = time.perf_counter()
-            state, o = engine.step_donated(params, state, pcm[0], active)
-            np.asarray(o.pcm)
-            first = time.perf_counter() - t
-            times = []
-            for i in range(1, iters + warm + 1):
-                t = time.perf_counter()
-                state, o = engine.step_donated(params, state, pcm[i], active)
-                np.asarray(o.pcm), np.asarray(o.text_token)
-                times.append(time.perf_counter() - t)
-            r = _pct(times[warm:])
+            frame = _frame_stepper(engine, params, state, pcm)
+            del state  # donated: `frame` holds the live state
+            first, _, times = time_fn(frame, warmup=warm + 1, iters=iters)  # the first call + `warm` untimed
+            r = _pct(times)
             r["compile_s"] = round(first - r["median_ms"] / 1e3, 1)
             r["peak_mem_gib"] = _peak_mem_gib()
             r["real_time_80ms"] = r["p99_ms"] <= 80.0
             out["batches"][str(B)] = r
-            del state, o
+            del frame
         except Exception as e:  # noqa: BLE001
             out["batches"][str(B)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             if _is_oom(e):
@@ -224,6 +227,7 @@ def sec_engine_int8(s: dict) -> dict:
     from moshi_jax.engine.engine import Engine, EngineConfig, preset_configs, random_lm_params
     from moshi_jax.lm import model as lm_model
     from moshi_jax.mimi.model import MimiCodec
+    from moshi_jax.nn.quant import nbytes
 
     mimi_cfg, lm_cfg = preset_configs(s["preset"])
     lm_cfg = lm_cfg.with_dtypes("bfloat16", "bfloat16")
@@ -235,7 +239,7 @@ def sec_engine_int8(s: dict) -> dict:
     del raw
     jax.block_until_ready(params)
     out = {"preset": s["preset"], "kv_cache_dtype": "int8", "weight_dtype": "int8",
-           "init_s": round(time.perf_counter() - t0, 1), "lm_param_bytes": _nbytes(params["lm"]),
+           "init_s": round(time.perf_counter() - t0, 1), "lm_param_bytes": nbytes(params["lm"]),
            "mem_after_params_gib": _peak_mem_gib(), "batches": {}}
     _time_engine(engine, params, s, s["int8_batches"], out)
     del params
@@ -321,13 +325,7 @@ def sec_mimi_batch(s: dict) -> dict:
     out = {"seconds": seconds}
 
     def timeit(fn, n):
-        fn()
-        ts = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return _pct(ts)
+        return _pct(time_fn(fn, warmup=1, iters=n)[2])
 
     n = 2 if s["smoke"] else 10
     codec = MimiCodec(cfg)
@@ -391,19 +389,14 @@ def _our_train(config: str, B: int, T: int, remat: str, microbatches: int, lora:
     batch = {"codes": jax.device_put(codes, program.batch_shardings(mesh)["codes"])}
     h = {"s": state}
 
+    losses = []
+
     def one():
         h["s"], m = step(h["s"], batch, frozen)
-        return float(m["loss"])
+        losses.append(float(m["loss"]))
 
-    t = time.perf_counter()
-    loss0 = one()
-    first = time.perf_counter() - t
-    ts = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        one()
-        ts.append(time.perf_counter() - t)
-    st = statistics.median(ts)
+    first, st, _ = time_fn(one, warmup=1, iters=steps)
+    loss0 = losses[0]
     peak, _ = device_peaks()
     flops = program.flops_per_step
     out = {"config": config, "params_M": round(count_params(spec.abstract_params) / 1e6, 1), "B": B, "T": T,
@@ -474,15 +467,11 @@ def sec_train_ref(s: dict) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.optimizer.grad_clip)
         opt.step()
-        return float(loss.detach())
+        losses.append(float(loss.detach()))
 
-    loss0 = step()
-    ts = []
-    for _ in range(s["train_steps"]):
-        t = time.perf_counter()
-        step()
-        ts.append(time.perf_counter() - t)
-    st = statistics.median(ts)
+    losses = []
+    _, st, _ = time_fn(step, warmup=1, iters=s["train_steps"])
+    loss0 = losses[0]
     peak, _ = device_peaks()
     flops = program.flops_per_step
     out = {"config": s["train_config"], "B": B, "T": T, "step_s": round(st, 4), "first_loss": loss0,

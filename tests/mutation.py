@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -304,17 +305,17 @@ class _Runner:
                     rc = int(pytest.main(args))
                 finally:
                     os._exit(rc)
-            rc = None
-            while rc is None:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    rc = os.waitstatus_to_exitcode(status)
-                elif time.monotonic() - t0 > timeout:
-                    os.kill(pid, 9)
-                    os.waitpid(pid, 0)
-                    return "timeout", time.monotonic() - t0
-                else:
-                    time.sleep(0.05)
+            # block until the child exits or the time limit passes (its pidfd turns readable when it exits)
+            pidfd = os.pidfd_open(pid)
+            try:
+                exited, _, _ = select.select([pidfd], [], [], timeout)
+            finally:
+                os.close(pidfd)
+            if not exited:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                return "timeout", time.monotonic() - t0
+            rc = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         dt = time.monotonic() - t0
         if rc in (0, 5):  # passed / no tests collected
             return "passed", dt

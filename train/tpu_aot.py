@@ -116,6 +116,7 @@ def compile_lm(config: str, overrides: list[str], topology: str, mesh_shape: tup
     FLOPs. `batch_size` (default: the config's) is the global batch."""
     import jax
 
+    from moshi_jax.nn.quant import nbytes
     from moshi_jax.training import config as config_lib
     from moshi_jax.training import mesh as mesh_lib
     from moshi_jax.training.optimizer import make_optimizer, make_schedule
@@ -151,8 +152,7 @@ def compile_lm(config: str, overrides: list[str], topology: str, mesh_shape: tup
     cost = _cost(res.compiled)
     spec = build_state_spec(program.task, tx, mesh, rules, cfg.lora)
     trainable = count_params(spec.abstract_state.params)
-    state_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(spec.abstract_state))
-    frozen_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(spec.abstract_frozen))
+    state_bytes, frozen_bytes = nbytes(spec.abstract_state), nbytes(spec.abstract_frozen)
     mem = res.memory
     per_device = mem.get("argument_size_in_bytes", 0) + mem.get("output_size_in_bytes", 0) \
         - mem.get("alias_size_in_bytes", 0) + mem.get("temp_size_in_bytes", 0)
@@ -375,6 +375,7 @@ def compile_engine(preset: str, topology: str, batches: list[int], kernels: str 
     from moshi_jax.lm import generate as gen
     from moshi_jax.lm import model as lm_model
     from moshi_jax.mimi.model import MimiCodec
+    from moshi_jax.nn.quant import nbytes
 
     dev = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
     rep = NamedSharding(Mesh([dev], ("x",)), P())
@@ -387,7 +388,6 @@ def compile_engine(preset: str, topology: str, batches: list[int], kernels: str 
     params = put({"mimi": jax.eval_shape(lambda k: MimiCodec(mimi_cfg).init(k), jax.random.PRNGKey(1)),
                   "lm": jax.eval_shape(lambda p: gen.prepare_streaming_params(p, lm_cfg, weight_dtype=weight_dtype),
                                        abs_lm)})
-    nbytes = lambda t: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(t))  # noqa: E731
     peak, bw, hbm = chip_peaks(topology)
     out = {"preset": preset, "topology": topology, "device_kind": dev.device_kind, "kernels": kernels,
            "kv_cache_dtype": kv_cache_dtype, "weight_dtype": weight_dtype,

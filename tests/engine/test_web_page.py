@@ -37,22 +37,36 @@ class ServerProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "moshi_jax.cli", "serve", *args], cwd=ROOT, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
+        self.changed = threading.Condition()  # notified on every new line and when the log ends
+        self.ended = False
         self.thread = threading.Thread(target=self._collect, daemon=True)
         self.thread.start()
 
     def _collect(self):
         for line in self.proc.stderr:
-            self.lines.append(line.rstrip())
+            with self.changed:
+                self.lines.append(line.rstrip())
+                self.changed.notify_all()
+        with self.changed:
+            self.ended = True
+            self.changed.notify_all()
 
     def wait_for(self, pattern: str) -> re.Match:
+        """The first log line matching `pattern`, waiting (woken by each new line) at most TIMEOUT_S."""
         deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if m := re.search(pattern, line):
-                    return m
-            assert self.proc.poll() is None, "the server exited:\n" + "\n".join(self.lines[-20:])
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {pattern!r} in the server log:\n" + "\n".join(self.lines[-20:]))
+        seen = 0
+        with self.changed:
+            while True:
+                for line in self.lines[seen:]:
+                    if m := re.search(pattern, line):
+                        return m
+                seen = len(self.lines)
+                assert not self.ended, "the server exited:\n" + "\n".join(self.lines[-20:])
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {pattern!r} in the server log:\n"
+                                         + "\n".join(self.lines[-20:]))
+                self.changed.wait(timeout=left)
 
     def stop(self) -> int:
         self.proc.terminate()  # SIGTERM: the server closes its clients and exits

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -174,14 +175,18 @@ def launch(tmp: Path, name: str, per_process_args: list[list[str]], devices: int
         procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=env, stdout=log.open("w"),
                                       stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
+    pidfds = {p: os.pidfd_open(p.pid) for p in procs}  # readable once the process has exited
     try:
         while any(p.poll() is None for p in procs):
             if any(p.poll() not in (None, 0) for p in procs):  # one died: the others follow within a minute
                 deadline = min(deadline, time.monotonic() + (60 if expect_killed else 0))
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 break
-            time.sleep(0.2)
+            select.select([fd for p, fd in pidfds.items() if p.poll() is None], [], [], left)  # until one exits
     finally:
+        for fd in pidfds.values():
+            os.close(fd)
         for p in procs:
             if p.poll() is None:
                 p.kill()
