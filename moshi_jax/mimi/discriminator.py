@@ -9,7 +9,8 @@ Hann window of n_fft, hop n_fft / 4, centred with reflect padding, magnitude-nor
 norm as torchaudio's `normalized=True`): conv (3, 9) -> 3 convs (3, 9) with frequency stride 2 and time
 dilations 1, 2, 4 -> conv (3, 3) -> a 1-channel (3, 3) output conv; LeakyReLU(0.2) after every conv but the
 last, whose activations are the feature maps for feature matching. EnCodec wraps the convs in weight norm;
-we do not (a reparametrisation, same function class).
+we do not (a reparametrisation, same function class). The convs are `Conv2d` below (flax `nn.Conv`'s params
+and init, computed by `nn.conv.conv_nd`, which folds the frequency stride into the channels on CPU).
 """
 
 from __future__ import annotations
@@ -21,7 +22,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moshi_jax.nn.conv import conv_nd
+
 Array = jax.Array
+
+
+class Conv2d(nn.Module):
+    """flax `nn.Conv` for 2-D channels-last inputs (same param names, shapes and init), no groups:
+    x [B, H, W, C_in] -> [B, H', W', features]."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    kernel_dilation: tuple[int, int] = (1, 1)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        y = conv_nd(x, kernel.astype(x.dtype), self.strides, self.padding, self.kernel_dilation)
+        return y + bias.astype(y.dtype)
 
 
 def hann_window(n: int) -> np.ndarray:
@@ -61,8 +83,8 @@ class STFTDiscriminator(nn.Module):
 
         def conv(x, k, stride=(1, 1), dilation=(1, 1), features=None, name=None):
             pads = tuple(((kk - 1) * d // 2, (kk - 1) * d // 2) for kk, d in zip(k, dilation, strict=True))
-            return nn.Conv(features or self.filters, k, strides=stride, padding=pads, kernel_dilation=dilation,
-                           name=name)(x)
+            return Conv2d(features or self.filters, k, strides=stride, padding=pads, kernel_dilation=dilation,
+                          name=name)(x)
 
         fmaps = []
         z = nn.leaky_relu(conv(z, (kt, kf), name="conv_in"), 0.2)

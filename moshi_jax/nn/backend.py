@@ -43,10 +43,13 @@ class Choices:
     materialize_transposes: bool
     ring_attention: str  # "prefix" | "whole"
     ring_write: str  # "update_slices" | "scatter"
+    strided_conv: str  # "polyphase" | "direct"
 
 
-CPU = Choices(materialize_transposes=True, ring_attention="prefix", ring_write="update_slices")
-PORTABLE = Choices(materialize_transposes=False, ring_attention="whole", ring_write="scatter")
+CPU = Choices(materialize_transposes=True, ring_attention="prefix", ring_write="update_slices",
+              strided_conv="polyphase")
+PORTABLE = Choices(materialize_transposes=False, ring_attention="whole", ring_write="scatter",
+                   strided_conv="direct")
 NAMED = {"cpu": CPU, "portable": PORTABLE}
 
 _forced: list[Choices] = []

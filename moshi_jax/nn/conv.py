@@ -1,4 +1,4 @@
-"""Causal streaming 1D convolutions (channels-last).
+"""Causal streaming 1D convolutions (channels-last), and `conv_nd`, a strided N-D conv chosen per backend.
 
 One code path serves one-shot and streaming use: one-shot is a single streaming call from the
 initial state, exactly as in the reference (`moshi.modules.conv`). Shapes are channels-last:
@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from moshi_jax.nn import backend
 
 Array = jax.Array
 PadMode = Literal["constant", "replicate"]
@@ -57,6 +59,45 @@ def init_conv_transpose_state(
     batch_size: int, out_channels: int, kernel_size: int, stride: int, dtype: jnp.dtype = jnp.float32
 ) -> ConvTransposeState:
     return ConvTransposeState(partial=jnp.zeros((batch_size, kernel_size - stride, out_channels), dtype))
+
+
+def conv_nd(x: Array, kernel: Array, strides: tuple[int, ...], padding: tuple[tuple[int, int], ...],
+            dilation: tuple[int, ...] | None = None) -> Array:
+    """Channels-last conv, no groups: x `[B, *spatial, C_in]`, kernel `[*k, C_in, C_out]` -> `[B, *out, C_out]`,
+    as `lax.conv_general_dilated` with these window strides, explicit padding and kernel dilation.
+
+    With `backend.choices().strided_conv == "polyphase"` (CPU) every strided axis (dilation 1 there) is folded
+    into the channels: input position `s * j + r` becomes position j, channel block r, and the kernel tap
+    `s * m + r` becomes tap m of block r (zero taps fill the last block), so one stride-1 conv computes the same
+    sums. Its input gradient is then a plain conv instead of a zero-stuffed one.
+    """
+    n = x.ndim - 2
+    dilation = tuple(dilation or (1,) * n)
+    fold = [a for a in range(n) if strides[a] > 1 and dilation[a] == 1]
+    if backend.choices().strided_conv == "polyphase" and fold:
+        x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+        padding = ((0, 0),) * n
+        for a in fold:
+            s, k, length = strides[a], kernel.shape[a], x.shape[1 + a]
+            n_out, taps = (length - k) // s + 1, -(-k // s)
+            keep = s * (n_out + taps - 1)  # whole phase groups covering every window
+            if keep > length:
+                x = jnp.pad(x, [(0, 0)] * (1 + a) + [(0, keep - length)] + [(0, 0)] * (n - a))
+            x = jax.lax.slice_in_dim(x, 0, keep, axis=1 + a)
+            x = x.reshape(*x.shape[:1 + a], keep // s, s, *x.shape[2 + a:])  # [..., j, r, ..., C]
+            x = jnp.moveaxis(x, 2 + a, -2)
+            x = x.reshape(*x.shape[:-2], s * x.shape[-1])  # channel r * C + c
+            kernel = jnp.pad(kernel, [(0, 0)] * a + [(0, taps * s - k)] + [(0, 0)] * (n + 1 - a))
+            kernel = kernel.reshape(*kernel.shape[:a], taps, s, *kernel.shape[a + 1:])  # [..., m, r, ..., Ci, O]
+            kernel = jnp.moveaxis(kernel, a + 1, -3)
+            kernel = kernel.reshape(*kernel.shape[:-3], s * kernel.shape[-2], kernel.shape[-1])
+        strides = tuple(1 if a in fold else st for a, st in enumerate(strides))
+    spatial = "DHW"[-n:] if n <= 3 else None
+    if spatial is None:
+        raise ValueError(f"conv_nd: {n} spatial axes (at most 3)")
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
+        dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
 
 
 _FEW = 4  # a streaming call with at most this many output steps computes the conv as one matmul

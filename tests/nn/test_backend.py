@@ -90,9 +90,9 @@ def test_materialised_transposes_give_the_portable_gradients():
 def test_the_cpu_set_is_every_cpu_trick_and_the_portable_set_none():
     # What the module documents (and the memory / speed figures in the README were measured with).
     assert backend.CPU == backend.Choices(materialize_transposes=True, ring_attention="prefix",
-                                          ring_write="update_slices")
+                                          ring_write="update_slices", strided_conv="polyphase")
     assert backend.PORTABLE == backend.Choices(materialize_transposes=False, ring_attention="whole",
-                                               ring_write="scatter")
+                                               ring_write="scatter", strided_conv="direct")
     assert backend.NAMED == {"cpu": backend.CPU, "portable": backend.PORTABLE}
 
 

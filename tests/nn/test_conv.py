@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moshi_jax.nn.conv import _FEW, _few_outputs_conv
+from moshi_jax.nn import backend
+from moshi_jax.nn.conv import _FEW, _few_outputs_conv, conv_nd
 
 
 @pytest.mark.parametrize("K,S,n_out", [(4, 2, 1), (16, 8, 2), (3, 1, 2), (7, 1, _FEW)])
@@ -155,3 +156,35 @@ def test_a_bfloat16_stream_with_a_default_float32_state_computes_in_bfloat16():
     y16, _ = conv.apply(params, x, init_conv_state(2, 4, 5, dtype=jnp.bfloat16))
     assert y32.dtype == y16.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(y32, np.float32), np.asarray(y16, np.float32))
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding,dilation", [
+    ((2, 9, 33, 3), (3, 9), (1, 2), ((1, 1), (4, 4)), (1, 1)),  # the discriminator's layers, odd frequency count
+    ((2, 9, 32, 3), (3, 9), (1, 2), ((4, 4), (4, 4)), (4, 1)),  # time dilation, even frequency count
+    ((2, 11, 20, 2), (3, 4), (2, 3), ((0, 1), (2, 0)), (1, 1)),  # both axes strided, kernel not a multiple
+    ((3, 50, 4), (7,), (5,), ((0, 0),), (1,)),  # 1-D, stride 5, windows that leave a remainder
+])
+def test_polyphase_strided_conv_equals_the_direct_conv_in_value_and_gradient(shape, kernel, strides, padding,
+                                                                             dilation):
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.normal(size=shape), jnp.float32)
+    w = jnp.asarray(r.normal(size=(*kernel, shape[-1], 5)), jnp.float32)
+
+    def loss(x, w):  # a cotangent that differs per output element
+        y = conv_nd(x, w, strides, padding, dilation)
+        return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) / y.size), y
+
+    expected = jax.lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
+                                            dimension_numbers=("NWC", "WIO", "NWC") if len(kernel) == 1
+                                            else ("NHWC", "HWIO", "NHWC"))
+    results = {}
+    for which in ("cpu", "portable"):
+        with backend.override(which):  # a fresh function per trace
+            results[which] = jax.jit(jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1), has_aux=True))(x, w)
+    for which, ((_, y), _) in results.items():
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-4, err_msg=which)
+    (_, _), (gx_poly, gw_poly) = results["cpu"]
+    (_, _), (gx_direct, gw_direct) = results["portable"]
+    np.testing.assert_allclose(gx_poly, gx_direct, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gw_poly, gw_direct, rtol=1e-5, atol=1e-4)
+    assert float(jnp.abs(gx_direct).max()) > 0 and float(jnp.abs(gw_direct).max()) > 0
