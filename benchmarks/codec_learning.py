@@ -191,8 +191,9 @@ def run_learning(steps_total: int, every: int, run_dir: Path, overrides: list[st
 
 
 def evaluate_run(run_dir: Path, overrides: list[str], n_files: int) -> dict:
-    """Held-out metrics of every kept checkpoint of a run (stopped or finished), with the EMA and with the raw
-    generator weights, and the mu-law baseline on the same files: a result `plot` reads (curve = EMA)."""
+    """Held-out metrics of the run's initialisation (step 0, codebooks k-means-initialised) and of every kept
+    checkpoint of a run (stopped or finished), with the EMA and with the raw generator weights, and the mu-law
+    baseline on the same files: a result `plot` reads (curve = EMA)."""
     import jax
 
     from moshi_jax.training import config as config_lib
@@ -204,7 +205,12 @@ def evaluate_run(run_dir: Path, overrides: list[str], n_files: int) -> dict:
     mesh = train_mimi.build_mesh(cfg)
     steps = train_mimi.CodecSteps(cfg, mcfg, mesh, train_mimi.codec_rules(cfg), train_mimi.codec_batch_shardings(mesh))
     files = heldout_files(cfg, n_files)
-    curve, raw = [], []
+    # The run's initial state (same seed) with k-means-initialised codebooks: the codec "at initialisation".
+    state0, _ = steps.init()
+    init = evaluate_codec(steps, kmeans_initialised(steps, state0, train_mimi.mimi_program(cfg, mcfg)), files, mcfg)
+    log.info("init: %s", init)
+    del state0
+    curve, raw = [{"step": 0, **init}], [{"step": 0, **init}]
     with Checkpointer(cfg.checkpoint_dir) as ckpt:
         for step in ckpt.all_steps():
             state = jax.device_get(ckpt.restore(step, steps.abstract_state))

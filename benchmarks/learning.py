@@ -321,26 +321,44 @@ def bench_tts(args, mimi_cfg, mimi_params, tok, asr) -> dict:
 def codec_probe(corpus: Path, pairs: int, num_codebooks: int = 8) -> dict:
     """Do the corpus's codes carry what was said, across voices? The held-out sentences are spoken once by a seen
     voice and once by an unseen voice: mean DTW distance between the two renderings of the SAME sentence against
-    renderings of DIFFERENT sentences, on the Mimi codes (one-hot, `num_codebooks` levels) and on the audio's
-    log-mel frames (80 ms hop, per-utterance standardised). Same < different means the representation tells
+    renderings of DIFFERENT sentences, on the Mimi codes (one-hot, `num_codebooks` levels), on the codec's
+    quantized latent of the semantic level alone and of all `num_codebooks` levels (a trained codec's codes of
+    two voices rarely match exactly, while their latents can still be close), and on the audio's log-mel frames
+    (80 ms hop, per-utterance standardised). Same < different means the representation tells
     sentences apart whoever speaks them; equal means it mostly encodes the voice."""
+    import jax.numpy as jnp
+
     from moshi_jax.audio import load_audio
     from moshi_jax.data.records import TokenizedDataset
     from moshi_jax.eval.speech_metrics import dtw_distance, log_mel
+    from moshi_jax.mimi.model import MimiCodec
 
     a = [c[1:1 + num_codebooks] for c, _ in TokenizedDataset.open(corpus / "tokens" / "heldout_sentences")]
     b = [c[1:1 + num_codebooks] for c, _ in TokenizedDataset.open(corpus / "tokens" / "heldout_voices")]
     n = min(pairs, len(a) - 1)
 
+    bins = 1 + max(int(c.max()) for c in a[:n + 1] + b[:n + 1])  # the codec's codebook size (as used)
+
     def onehot(c):
-        out = np.zeros((c.shape[1], c.shape[0] * 64), np.float32)
+        out = np.zeros((c.shape[1], c.shape[0] * bins), np.float32)
         for k in range(c.shape[0]):
-            out[np.arange(c.shape[1]), k * 64 + np.clip(c[k], 0, 63)] = 1
+            out[np.arange(c.shape[1]), k * bins + c[k]] = 1
         return out
 
     def z(x):
         return (x - x.mean(0)) / (x.std(0) + 1e-6)
 
+    cfg, params = load_codec(corpus)
+    codec = MimiCodec(cfg)
+
+    def latent(c, levels):  # the codec's quantized latent of the first `levels` codebooks, [F, D] standardised
+        return z(np.asarray(codec.decode_latent(params, jnp.asarray(c[None, :levels].astype(np.int32))))[0].T)
+
+    lat = {}
+    for levels in (1, num_codebooks):  # the semantic level alone, and every level
+        la, lb = [latent(c, levels) for c in a[:n + 1]], [latent(c, levels) for c in b[:n + 1]]
+        lat[f"latent{levels}_same_sentence"] = float(np.mean([dtw_distance(la[i], lb[i]) for i in range(n)]))
+        lat[f"latent{levels}_other_sentence"] = float(np.mean([dtw_distance(la[i], lb[i + 1]) for i in range(n)]))
     ia = _utterances(corpus, "heldout_sentences", n + 1)
     ib = _utterances(corpus, "heldout_voices", n + 1)
     ma = [z(log_mel(load_audio(x["path"], 24000)[0], 24000, hop=FRAME // 2)) for x in ia]
@@ -349,7 +367,7 @@ def codec_probe(corpus: Path, pairs: int, num_codebooks: int = 8) -> dict:
             "codes_same_sentence": float(np.mean([dtw_distance(onehot(a[i]), onehot(b[i])) for i in range(n)])),
             "codes_other_sentence": float(np.mean([dtw_distance(onehot(a[i]), onehot(b[i + 1])) for i in range(n)])),
             "logmel_same_sentence": float(np.mean([dtw_distance(ma[i], mb[i]) for i in range(n)])),
-            "logmel_other_sentence": float(np.mean([dtw_distance(ma[i], mb[i + 1]) for i in range(n)]))}
+            "logmel_other_sentence": float(np.mean([dtw_distance(ma[i], mb[i + 1]) for i in range(n)])), **lat}
 
 
 def _plot(result: dict, out_png: Path) -> None:
@@ -433,7 +451,10 @@ def _markdown(result: dict) -> str:
         lines += ["", f"Codec probe ({c['pairs']} held-out sentences, each spoken by a seen and an unseen voice; mean "
                   "DTW distance, same sentence vs a different sentence): Mimi codes "
                   f"{c['codes_same_sentence']:.3f} vs {c['codes_other_sentence']:.3f}, log-mel "
-                  f"{c['logmel_same_sentence']:.3f} vs {c['logmel_other_sentence']:.3f}."]
+                  f"{c['logmel_same_sentence']:.3f} vs {c['logmel_other_sentence']:.3f}"
+                  + "".join(f", quantized latent of {k} level{'s' if k > 1 else ''} "
+                            f"{c[f'latent{k}_same_sentence']:.3f} vs {c[f'latent{k}_other_sentence']:.3f}"
+                            for k in (1, c["num_codebooks"]) if f"latent{k}_same_sentence" in c) + "."]
     lines += ["", "![learning curves](learning.png)"]
     return "\n".join(lines) + "\n"
 
