@@ -109,15 +109,19 @@ def asr_engine(mimi_cfg, lm_cfg, delay: int, tokenizer):
 
 
 def transcribe(engine, params, wavs: Sequence[np.ndarray], batch: int = 32) -> list[str]:
-    """Streaming ASR through the engine: each utterance fed frame by frame (zero-padded at the end so that the
-    text of its last frame, `d` frames later, comes out), its valid text tokens decoded."""
+    """Streaming ASR through the engine: each utterance fed frame by frame, followed by `d + 2` frames of
+    silence so that the text of its last frame (`d` frames later) comes out, its valid text tokens decoded.
+    Utterances share a fixed-size batch (one compile); a shorter one's stream goes on with silence until the
+    longest ends, and only its own frames + `d + 2` count: what the same stream run alone gives (the model
+    never saw more than that after an utterance: training windows end with the recording)."""
     out: list[str] = []
     d = engine.cfg.text_delay_frames
     for i in range(0, len(wavs), batch):
         chunk = list(wavs[i:i + batch])
         n = len(chunk)
         chunk += [np.zeros(FRAME, np.float32)] * (batch - n)  # fixed batch: one compile
-        frames = max(-(-len(w) // FRAME) for w in chunk) + d + 2
+        own = [-(-len(w) // FRAME) + d + 2 for w in chunk]
+        frames = max(own)
         pcm = np.zeros((batch, frames * FRAME), np.float32)
         for b, w in enumerate(chunk):
             pcm[b, :len(w)] = w
@@ -128,7 +132,7 @@ def transcribe(engine, params, wavs: Sequence[np.ndarray], batch: int = 32) -> l
             state, fo = engine.step(params, state, pcm[:, f * FRAME:(f + 1) * FRAME], active)
             text, valid = np.asarray(fo.text_token), np.asarray(fo.valid)
             for b in range(batch):
-                if valid[b]:
+                if valid[b] and f < own[b]:
                     toks[b].append(int(text[b]))
         out += [decode_text(engine.tokenizer, t) for t in toks[:n]]
     return out
@@ -157,7 +161,9 @@ def transcribe_codes(lm_cfg, lm_params, codes: Sequence[np.ndarray], delay: int,
         for s in range(delay, L):
             logits = np.asarray(fwd(lm_params, grid))
             grid[:, 0, s] = logits[:, s].argmax(-1)
-        out += [decode_text(tokenizer, grid[b, 0, delay:]) for b in range(len(chunk))]
+        extra = delay + 1 if extra_frames is None else extra_frames
+        # each item's own frames + `extra` only (a shorter item's grid runs on until the longest ends)
+        out += [decode_text(tokenizer, grid[b, 0, delay:c.shape[1] + extra]) for b, c in enumerate(chunk)]
     return out
 
 

@@ -28,7 +28,8 @@ def get_config() -> TrainConfig:
         scan_layers=False,  # unrolled: faster for a shallow model on CPU
         eval_every=100,
         eval_batches=8,
-        model=ModelConfig(preset="stt_small"),
+        # card 256: room for a trained tiny Mimi's 256 codes (issue 11's export); the random corpus codec uses 64
+        model=ModelConfig(preset="stt_small", overrides=(("card", "256"),)),
         data=DataConfig(sources=(DataSource(f"{CORPUS}/train"),),
                         eval_sources=(DataSource(f"{CORPUS}/heldout_sentences"),),
                         seq_frames=48, batch_size=16, text_delay_frames=TEXT_DELAY_FRAMES),
