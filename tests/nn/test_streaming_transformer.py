@@ -104,3 +104,27 @@ def test_stream_layers_over_per_layer_rings_equals_the_scanned_stack_and_refuses
         stream_layers(cfg, layers, x[:, :1], stacked)
     with pytest.raises(ValueError, match="per-layer KV caches"):
         model.apply(params, x[:, :1], per_layer)
+
+
+def test_a_per_step_stack_without_context_streams_its_steps_in_one_call_or_several():
+    # The reference's depth transformer: no context (its ring holds the weights_per_step positions), and each
+    # position of a multi-position call uses its own step's weights (the offset plus its index, scheduled).
+    cfg = TransformerConfig(d_model=16, num_heads=2, num_layers=2, dim_feedforward=32, context=None, gating="silu",
+                            norm="rms_norm", positional_embedding="sin", weights_per_step=4,
+                            weights_per_step_schedule=(0, 1, 1, 2))
+    assert cfg.cache_capacity == 4
+    model, params, x = _setup(cfg, T=4)
+    full, _ = model.apply(params, x)
+    layers = unstack_layers(nn.unbox(params["params"]["layers"]), cfg.num_layers)
+    B = x.shape[0]
+    for cuts in ((0, 4), (0, 1, 4)):  # all steps in one call; one step, then the three others
+        stacked, per_layer, ys, zs = init_state(cfg, B), init_state(cfg, B, per_layer=True), [], []
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            y, stacked = model.apply(params, x[:, a:b], stacked)
+            z, per_layer = stream_layers(cfg, layers, x[:, a:b], per_layer)
+            ys.append(y)
+            zs.append(z)
+        np.testing.assert_allclose(jnp.concatenate(ys, 1), full, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(jnp.concatenate(zs, 1), full, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs `context`"):
+        init_state(dataclasses.replace(cfg, weights_per_step=0, weights_per_step_schedule=None), B)
