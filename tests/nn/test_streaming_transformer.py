@@ -8,7 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moshi_jax.nn.transformer import Transformer, TransformerConfig, init_state, stream_layers, unstack_layers
+from moshi_jax.nn.transformer import (
+    Transformer,
+    TransformerConfig,
+    init_state,
+    select_step_weights,
+    stream_layers,
+    unstack_layers,
+)
 
 
 def _setup(cfg: TransformerConfig, B=2, T=12, seed=0):
@@ -106,7 +113,7 @@ def test_stream_layers_over_per_layer_rings_equals_the_scanned_stack_and_refuses
         model.apply(params, x[:, :1], per_layer)
 
 
-def test_a_per_step_stack_without_context_streams_its_steps_in_one_call_or_several():
+def test_a_per_step_stack_without_context_streams_its_steps_in_one_call_several_or_each_from_its_weight_cut():
     # The reference's depth transformer: no context (its ring holds the weights_per_step positions), and each
     # position of a multi-position call uses its own step's weights (the offset plus its index, scheduled).
     cfg = TransformerConfig(d_model=16, num_heads=2, num_layers=2, dim_feedforward=32, context=None, gating="silu",
@@ -126,5 +133,17 @@ def test_a_per_step_stack_without_context_streams_its_steps_in_one_call_or_sever
             zs.append(z)
         np.testing.assert_allclose(jnp.concatenate(ys, 1), full, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(jnp.concatenate(zs, 1), full, rtol=1e-5, atol=1e-6)
+    # each step alone with its own cut of the per-step weights (what the LM's prepared depth steps hold)
+    state = init_state(cfg, B, per_layer=True)
+    for t, s in enumerate(cfg.weights_per_step_schedule):
+        cut = tuple(select_step_weights(p, s) for p in layers)
+        y, state = stream_layers(cfg, cut, x[:, t:t + 1], state, step_index=0)
+        np.testing.assert_allclose(y, full[:, t:t + 1], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="needs `context`"):
         init_state(dataclasses.replace(cfg, weights_per_step=0, weights_per_step_schedule=None), B)
+
+
+def test_a_schedule_whose_length_is_not_the_number_of_steps_is_refused():
+    with pytest.raises(ValueError, match="weights_per_step_schedule must have weights_per_step entries"):
+        TransformerConfig(d_model=16, num_heads=2, num_layers=1, dim_feedforward=32, gating="silu",
+                          weights_per_step=4, weights_per_step_schedule=(0, 1, 1))
