@@ -111,6 +111,8 @@ def test_stream_layers_over_per_layer_rings_equals_the_scanned_stack_and_refuses
         stream_layers(cfg, layers, x[:, :1], stacked)
     with pytest.raises(ValueError, match="per-layer KV caches"):
         model.apply(params, x[:, :1], per_layer)
+    with pytest.raises(ValueError, match="expected 2 per-layer param trees, got 1"):
+        stream_layers(cfg, layers[:1], x[:, :1], per_layer)
 
 
 def test_a_per_step_stack_without_context_streams_its_steps_in_one_call_several_or_each_from_its_weight_cut():
