@@ -190,3 +190,16 @@ def test_text_only_model_without_depformer_runs():
     params = jax.jit(LMModel(cfg).init)(jax.random.PRNGKey(0), codes)["params"]
     out = jit_forward(params, codes, cfg)
     assert out.audio_logits.shape == (1, 0, 4, cfg.card) and out.text_logits.shape == (1, 1, 4, cfg.text_card)
+
+
+def test_the_depth_pieces_of_a_text_only_model_are_refused_by_name():
+    cfg = LMConfig.from_reference_kwargs({**TEST_LM_KWARGS, "dep_q": 0, "depformer_weights_per_step_schedule": None})
+    params = jax.eval_shape(LMModel(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, cfg.num_streams, 2), jnp.int32))
+    hidden, tokens = jnp.zeros((1, 2, cfg.dim)), jnp.zeros((1, 0, 2), jnp.int32)
+    with pytest.raises(ValueError, match="no depth transformer"):
+        jax.eval_shape(lambda p: LMModel(cfg).apply(p, hidden, tokens, method="depth"), params)
+    with pytest.raises(ValueError, match="no depth transformer"):
+        jax.eval_shape(lambda p: LMModel(cfg).apply(p, hidden[:, 0], jnp.zeros((1,), jnp.int32), 0, None,
+                                                    method="depth_step"), params)
+    with pytest.raises(ValueError, match="no depth transformer"):
+        init_depth_state(cfg, 1)
