@@ -203,3 +203,16 @@ def test_the_depth_pieces_of_a_text_only_model_are_refused_by_name():
                                                     method="depth_step"), params)
     with pytest.raises(ValueError, match="no depth transformer"):
         init_depth_state(cfg, 1)
+
+
+def test_depformer_embedding_tables_name_their_width_axis_low_rank_only_when_it_is_the_rank():
+    # the rank (e.g. 8) is left whole by the sharding rules (`low_rank`), the model width is `embed`
+    import flax.linen as nn
+
+    for kwargs, width in ((TEST_LM_KWARGS, "low_rank"), (MOSHI_SMALL_KWARGS, "embed")):
+        cfg = LMConfig.from_reference_kwargs(kwargs)
+        boxed = jax.eval_shape(lambda k, c=cfg: LMModel(c).init(k, jnp.zeros((1, c.num_streams, 2), jnp.int32)),
+                               jax.random.PRNGKey(0))["params"]
+        specs = nn.get_partition_spec(boxed)
+        assert tuple(specs["depformer_text_emb"]) == ("vocab", width)
+        assert tuple(specs["depformer_emb"]) == ("steps", "vocab", width)
