@@ -216,3 +216,14 @@ def test_depformer_embedding_tables_name_their_width_axis_low_rank_only_when_it_
         specs = nn.get_partition_spec(boxed)
         assert tuple(specs["depformer_text_emb"]) == ("vocab", width)
         assert tuple(specs["depformer_emb"]) == ("steps", "vocab", width)
+
+
+def test_depth_tokens_of_another_length_than_hidden_are_refused_not_broadcast():
+    # one column of tokens against three hidden positions would broadcast silently into the depformer input
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    params = jax.eval_shape(LMModel(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 4, 3), jnp.int32))
+    hidden = jnp.zeros((2, 3, cfg.dim))
+    for shape in ((2, cfg.dep_q, 1), (2, cfg.dep_q + 1, 3), (1, cfg.dep_q, 3)):
+        with pytest.raises(ValueError, match=r"tokens must be \[B, dep_q, T\] = \(2, 3, 3\)"):
+            jax.eval_shape(lambda p, t: LMModel(cfg).apply(p, hidden, t, method="depth"), params,
+                           jnp.zeros(shape, jnp.int32))
