@@ -36,7 +36,7 @@ def _frame(cfg: LMConfig, seed: int = 0):
     tokens = np.concatenate([r.integers(0, cfg.text_card, (B, 1, 1)), r.integers(0, cfg.card, (B, cfg.n_q, 1))], 1)
     dtokens = np.concatenate([r.integers(0, cfg.text_card, (B, 1)), r.integers(0, cfg.card, (B, cfg.dep_q - 1))], 1)
     tokens[1, 2, 0] = -1  # a zero-embedding input
-    dtokens[0, 1] = -1
+    dtokens[0, -1] = -1
     return jnp.asarray(tokens, jnp.int32), jnp.asarray(dtokens, jnp.int32)
 
 
@@ -185,3 +185,17 @@ def test_a_bf16_depth_transformer_rounds_a_float32_hidden_state_to_bf16_first():
         params, h) for h in (h32, h16)]
     assert depth[0].dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(depth[0]), np.asarray(depth[1]))
+
+
+@pytest.mark.parametrize("dep_q", [1, 2])
+def test_teacher_forced_depth_equals_the_depth_steps_with_one_or_two_codebooks(dep_q):
+    # few predicted codebooks: the audio-token embeddings of the teacher-forced depth exist from dep_q = 2 on
+    cfg = LMConfig.from_reference_kwargs({**TEST_LM_KWARGS, "dep_q": dep_q,
+                                          "depformer_weights_per_step_schedule": list(range(dep_q))})
+    params = _device_params(cfg)
+    tokens, dtokens = _frame(cfg, seed=5)
+    hidden, _, want = _stacked_outputs(cfg, params, tokens, dtokens)
+    got = jax.jit(lambda p, h, t: LMModel(cfg).apply({"params": p}, h[:, None], t[:, :, None], method="depth"))(
+        params, hidden, dtokens)[:, :, 0]
+    assert got.shape == want.shape == (B, dep_q, cfg.card)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
