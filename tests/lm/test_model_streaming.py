@@ -199,3 +199,13 @@ def test_teacher_forced_depth_equals_the_depth_steps_with_one_or_two_codebooks(d
         params, hidden, dtokens)[:, :, 0]
     assert got.shape == want.shape == (B, dep_q, cfg.card)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_an_audio_id_past_its_table_reads_that_tables_last_row_not_the_next_codebooks_table():
+    # the codebooks' tables are looked up as one flattened table: an out-of-range id stays in its own stream
+    cfg = CFG
+    params = _device_params(cfg)
+    tokens, _ = _frame(cfg, seed=6)
+    temporal = jax.jit(lambda p, t: LMModel(cfg).apply({"params": p}, t, method="temporal")[1])
+    past, last = tokens.at[:, 1].set(cfg.card + 3), tokens.at[:, 1].set(cfg.card)  # table rows: card + 1
+    np.testing.assert_array_equal(np.asarray(temporal(params, past)), np.asarray(temporal(params, last)))
