@@ -19,6 +19,7 @@ from moshi_jax.lm.model import (
     forward,
     init_depth_state,
     init_temporal_state,
+    logits_drift,
     prepare_streaming_params,
 )
 from moshi_jax.nn.quant import CONTRACTED_AXES, QuantizedWeight
@@ -136,15 +137,20 @@ def test_int8_preparation_quantizes_every_layer_and_depth_step_alike_with_or_wit
         assert 0 < rel < 0.05, rel
 
 
-def _bf16_representable(params):
-    return jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
+def _bf16_norms(params):
+    """The norms' params rounded to bf16 values (norms compute in float32 with their params as stored); every
+    other weight keeps its float32 digits, which the compute dtype must round away where it is used."""
+    def leaf(path, x):
+        return x.astype(jnp.bfloat16).astype(jnp.float32) if "norm" in jax.tree_util.keystr(path) else x
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
 
 
 def test_bf16_compute_with_float32_params_gives_exactly_the_bf16_checkpoints_logits():
     # Mixed precision (float32 master params, bf16 compute): every weight is rounded to bf16 where it is used,
-    # so a model whose params hold bf16 values computes bit for bit what the bf16 checkpoint computes.
+    # so the model computes bit for bit what the checkpoint rounded to bf16 computes.
     cfg = CFG
-    p32 = _bf16_representable(_device_params(cfg))
+    p32 = _bf16_norms(_device_params(cfg))
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p32)
     mixed, bf16 = cfg.with_dtypes("bfloat16"), cfg.with_dtypes("bfloat16", "bfloat16")
     assert mixed.temporal.param_dtype == "float32"
@@ -209,3 +215,20 @@ def test_an_audio_id_past_its_table_reads_that_tables_last_row_not_the_next_code
     temporal = jax.jit(lambda p, t: LMModel(cfg).apply({"params": p}, t, method="temporal")[1])
     past, last = tokens.at[:, 1].set(cfg.card + 3), tokens.at[:, 1].set(cfg.card)  # table rows: card + 1
     np.testing.assert_array_equal(np.asarray(temporal(params, past)), np.asarray(temporal(params, last)))
+
+
+def test_logits_drift_is_the_largest_absolute_change_of_a_valid_logit_relative_to_the_largest_logit():
+    cfg = CFG
+    params = _device_params(cfg)
+    r = np.random.default_rng(7)
+    codes = np.concatenate([r.integers(0, cfg.text_card, (B, 1, 6)), r.integers(0, cfg.card, (B, cfg.n_q, 6))], 1)
+    codes[0, 1, 2] = -1  # a masked position
+    codes = jnp.asarray(codes, jnp.int32)
+    drift = logits_drift(params, codes, cfg, "bfloat16")
+    fwd = jax.jit(forward, static_argnums=2)
+    ref = fwd(params, codes, cfg)
+    low = fwd(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), codes, cfg.with_dtypes("bfloat16", "bfloat16"))
+    for name in ("text", "audio"):
+        mask = np.asarray(getattr(ref, f"{name}_mask"))
+        a, b = np.asarray(getattr(ref, f"{name}_logits"))[mask], np.asarray(getattr(low, f"{name}_logits"))[mask]
+        assert drift[name] == pytest.approx(np.abs(a - b).max() / np.abs(a).max(), rel=1e-6), name
