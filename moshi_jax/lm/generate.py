@@ -237,7 +237,7 @@ def _step(params: Params, state: GenState, user_codes: Array, rng: Array | None,
             prev = tok
         audio = jnp.stack(toks, axis=1)
         if return_logits:
-            audio_logits = jnp.stack(all_logits, axis=1).astype(jnp.float32)
+            audio_logits = jnp.stack(all_logits, axis=1)  # float32 (depth_step_prepared)
     elif return_logits:
         audio_logits = jnp.zeros((B, 0, cfg.card), jnp.float32)
 

@@ -284,8 +284,20 @@ def test_a_text_only_lm_streams_text_frames_with_empty_audio():
     np.testing.assert_array_equal(np.asarray(outs.text)[:, d:], text[:, : T - d])
 
 
-def test_lmgen_made_without_seed_or_pad_bias_uses_seed_0_and_no_bias(cfg, params):
+def test_lmgen_made_without_options_has_one_item_seed_0_and_no_pad_bias(cfg, params):
+    assert G.LMGen(params, cfg, GREEDY).state.offsets.shape == (1,)
     gen = G.LMGen(params, cfg, GREEDY, batch_size=B)
     np.testing.assert_array_equal(np.asarray(gen.state.pad_bias), np.zeros(B, np.float32))
     seeded = G.LMGen(params, cfg, GREEDY, batch_size=B, seed=0)
     np.testing.assert_array_equal(np.asarray(gen.rng), np.asarray(seeded.rng))
+
+
+def test_teacher_forcing_replays_token_0_like_any_other_token(cfg, params):
+    # 0 is a real id (EPAD for text, a codebook entry for audio): forcing it must not fall back to sampling
+    codes = _random_codes(cfg, B, T, seed=15)
+    codes[:, :, 1::2] = 0
+    tf = G.teacher_forcing_inputs(cfg, codes)
+    _, outs = G.run(params, G.init_gen_state(cfg, B), tf["user_codes"], None, cfg=cfg, sampling=GREEDY,
+                    forced_text=tf["forced_text"], forced_audio=tf["forced_audio"])
+    np.testing.assert_array_equal(np.asarray(outs.text)[:, 1:], codes[:, 0, :-1])
+    np.testing.assert_array_equal(np.asarray(outs.audio)[:, :, 1:], codes[:, 1: 1 + cfg.dep_q, :-1])
