@@ -196,7 +196,7 @@ def _step(params: Params, state: GenState, user_codes: Array, rng: Array | None,
     # 3. temporal transformer, one position
     hidden, text_logits, temporal = model.apply(variables, inp[:, :, None], state.temporal, sp.temporal_layers,
                                                 method="temporal")
-    hidden, text_logits = hidden[:, 0], text_logits[:, 0].astype(jnp.float32)  # [B, dim], [B, text_out]
+    hidden, text_logits = hidden[:, 0], text_logits[:, 0]  # [B, dim], [B, text_out] float32
     items = state.items
     if rng is None:
         k_text = k_audio = None
@@ -237,7 +237,7 @@ def _step(params: Params, state: GenState, user_codes: Array, rng: Array | None,
             prev = tok
         audio = jnp.stack(toks, axis=1)
         if return_logits:
-            audio_logits = jnp.stack(all_logits, axis=1).astype(jnp.float32)
+            audio_logits = jnp.stack(all_logits, axis=1)  # float32 (depth_step_prepared)
     elif return_logits:
         audio_logits = jnp.zeros((B, 0, cfg.card), jnp.float32)
 

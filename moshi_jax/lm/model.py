@@ -53,6 +53,8 @@ def _stacked_init(init, n: int):
     """Independent draws of `init` for each entry of a leading stack axis of size `n`."""
 
     def stacked(key, shape, dtype=jnp.float32):
+        if n == 0:  # an empty stack (the audio-token embeddings of a depformer with one codebook)
+            return jnp.zeros(shape, dtype)
         return jnp.stack([init(k, shape[1:], dtype) for k in jax.random.split(key, n)])
 
     return stacked

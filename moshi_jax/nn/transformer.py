@@ -134,13 +134,13 @@ class TransformerLayer(nn.Module):
         h = Norm(cfg.norm, cfg.d_model, pdtype, name="norm1")(x)
         h, cache = Attention(cfg.d_model, cfg.num_heads, cfg.causal, cfg.context, rope, cfg.max_period,
                              cfg.mult, dtype, pdtype, name="self_attn")(h, positions, cache, step_index, layer)
-        x = x.astype(h.dtype) + self._scale(h, "layer_scale_1")
+        x = x + self._scale(h, "layer_scale_1")
         if cache is None:
             x = constrain_residual(x)
         h = Norm(cfg.norm, cfg.d_model, pdtype, name="norm2")(x)
         h = MLP(cfg.d_model, cfg.dim_feedforward, cfg.gating, cfg.activation, cfg.mult, dtype, pdtype,
                 name="mlp")(h, step_index)
-        x = x.astype(h.dtype) + self._scale(h, "layer_scale_2")
+        x = x + self._scale(h, "layer_scale_2")
         return x, cache
 
     def _scale(self, h: Array, name: str) -> Array:
@@ -168,6 +168,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         in_dtype = x.dtype
+        x = x.astype(cfg.dtype)  # the residual stream is in the compute dtype (output: back to the input's)
         if state is not None and isinstance(state.layers, tuple):
             raise ValueError("per-layer KV caches (init_state(per_layer=True)) are for `stream_layers`; the "
                              "scanned Transformer needs the stacked state")
@@ -253,6 +254,7 @@ def stream_layers(cfg: TransformerConfig, layer_params: tuple[Any, ...], x: Arra
         raise ValueError(f"expected {cfg.num_layers} per-layer param trees, got {len(layer_params)}")
     B, T, _ = x.shape
     in_dtype = x.dtype
+    x = x.astype(cfg.dtype)  # as in `Transformer`
     positions = state.offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
     if cfg.positional_embedding in ("sin", "sin_rope"):
         x = x + cfg.positional_scale * sin_embedding(positions, cfg.d_model, cfg.max_period, x.dtype)

@@ -15,6 +15,7 @@ from moshi_jax.lm import generate as G
 from moshi_jax.lm import model as M
 from moshi_jax.lm.config import LMConfig
 from moshi_jax.nn.sampling import SamplingConfig
+from tests.lm.test_model_parity import TEST_LM_KWARGS
 
 GREEDY = SamplingConfig.greedy()
 B, T = 2, 8  # most tests share these shapes (and greedy + logits), so the compiled `run` is reused
@@ -39,7 +40,8 @@ def random_params(cfg: LMConfig, seed: int = 0):
     def fill(path, leaf):
         if "alpha" in jax.tree_util.keystr(path):  # norm scales
             return (1.0 + 0.1 * r.standard_normal(leaf.shape)).astype(np.float32)
-        return (r.standard_normal(leaf.shape) / np.sqrt(cfg.depth.d_model)).astype(np.float32)
+        width = cfg.dim if cfg.depth is None else cfg.depth.d_model
+        return (r.standard_normal(leaf.shape) / np.sqrt(width)).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
@@ -255,3 +257,47 @@ def test_bf16_generation_stays_close_to_float32(cfg, params):
                                outs["f32"].audio_logits[:, :, cfg.max_delay:])}
     print(f"bf16 vs float32 streaming logit drift (relative to max |logit|): {drift}")
     assert 0 < drift["text"] < 0.05 and 0 < drift["audio"] < 0.05, drift
+
+
+def test_user_frames_with_more_codebooks_than_the_lm_reads_give_the_same_tokens(cfg, params):
+    # a Mimi frame may carry more codebooks than the LM's user streams: the extra ones are ignored
+    user = _user(cfg, B, T, seed=13)
+    extra = np.concatenate([user, np.random.default_rng(14).integers(0, cfg.card, (B, 2, T)).astype(np.int32)], 1)
+    _, want = _greedy_run(params, cfg, user)
+    _, got = _greedy_run(params, cfg, extra)
+    np.testing.assert_array_equal(np.asarray(got.sampled_text), np.asarray(want.sampled_text))
+    np.testing.assert_array_equal(np.asarray(got.sampled_audio), np.asarray(want.sampled_audio))
+
+
+def test_a_text_only_lm_streams_text_frames_with_empty_audio():
+    cfg = LMConfig.from_reference_kwargs({**TEST_LM_KWARGS, "dep_q": 0, "depformer_weights_per_step_schedule": None})
+    user = np.random.default_rng(12).integers(0, cfg.card, (B, cfg.n_q, T)).astype(np.int32)
+    _, outs = G.run(random_params(cfg), G.init_gen_state(cfg, B), user, None, cfg=cfg, sampling=GREEDY,
+                    return_logits=True)
+    assert outs.audio.shape == outs.sampled_audio.shape == (B, 0, T)
+    assert outs.audio_logits.shape == (B, 0, T, cfg.card) and outs.audio_logits.dtype == jnp.float32
+    text = np.asarray(outs.sampled_text)
+    np.testing.assert_array_equal(text, np.asarray(outs.text_logits).argmax(-1))
+    d = cfg.max_delay  # the text of call s comes out, time-aligned, max_delay calls later
+    valid = np.asarray(outs.valid)
+    assert not valid[:, :d].any() and valid[:, d:].all()
+    np.testing.assert_array_equal(np.asarray(outs.text)[:, d:], text[:, : T - d])
+
+
+def test_lmgen_made_without_options_has_one_item_seed_0_and_no_pad_bias(cfg, params):
+    assert G.LMGen(params, cfg, GREEDY).state.offsets.shape == (1,)
+    gen = G.LMGen(params, cfg, GREEDY, batch_size=B)
+    np.testing.assert_array_equal(np.asarray(gen.state.pad_bias), np.zeros(B, np.float32))
+    seeded = G.LMGen(params, cfg, GREEDY, batch_size=B, seed=0)
+    np.testing.assert_array_equal(np.asarray(gen.rng), np.asarray(seeded.rng))
+
+
+def test_teacher_forcing_replays_token_0_like_any_other_token(cfg, params):
+    # 0 is a real id (EPAD for text, a codebook entry for audio): forcing it must not fall back to sampling
+    codes = _random_codes(cfg, B, T, seed=15)
+    codes[:, :, 1::2] = 0
+    tf = G.teacher_forcing_inputs(cfg, codes)
+    _, outs = G.run(params, G.init_gen_state(cfg, B), tf["user_codes"], None, cfg=cfg, sampling=GREEDY,
+                    forced_text=tf["forced_text"], forced_audio=tf["forced_audio"])
+    np.testing.assert_array_equal(np.asarray(outs.text)[:, 1:], codes[:, 0, :-1])
+    np.testing.assert_array_equal(np.asarray(outs.audio)[:, :, 1:], codes[:, 1: 1 + cfg.dep_q, :-1])

@@ -190,3 +190,40 @@ def test_text_only_model_without_depformer_runs():
     params = jax.jit(LMModel(cfg).init)(jax.random.PRNGKey(0), codes)["params"]
     out = jit_forward(params, codes, cfg)
     assert out.audio_logits.shape == (1, 0, 4, cfg.card) and out.text_logits.shape == (1, 1, 4, cfg.text_card)
+
+
+def test_the_depth_pieces_of_a_text_only_model_are_refused_by_name():
+    cfg = LMConfig.from_reference_kwargs({**TEST_LM_KWARGS, "dep_q": 0, "depformer_weights_per_step_schedule": None})
+    params = jax.eval_shape(LMModel(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, cfg.num_streams, 2), jnp.int32))
+    hidden, tokens = jnp.zeros((1, 2, cfg.dim)), jnp.zeros((1, 0, 2), jnp.int32)
+    with pytest.raises(ValueError, match="no depth transformer"):
+        jax.eval_shape(lambda p: LMModel(cfg).apply(p, hidden, tokens, method="depth"), params)
+    with pytest.raises(ValueError, match="no depth transformer"):
+        jax.eval_shape(lambda p: LMModel(cfg).apply(p, hidden[:, 0], jnp.zeros((1,), jnp.int32), 0, None,
+                                                    method="depth_step"), params)
+    with pytest.raises(ValueError, match="no depth transformer"):
+        init_depth_state(cfg, 1)
+
+
+def test_depformer_embedding_tables_name_their_width_axis_low_rank_only_when_it_is_the_rank():
+    # the rank (e.g. 8) is left whole by the sharding rules (`low_rank`), the model width is `embed`
+    import flax.linen as nn
+
+    for kwargs, width in ((TEST_LM_KWARGS, "low_rank"), (MOSHI_SMALL_KWARGS, "embed")):
+        cfg = LMConfig.from_reference_kwargs(kwargs)
+        boxed = jax.eval_shape(lambda k, c=cfg: LMModel(c).init(k, jnp.zeros((1, c.num_streams, 2), jnp.int32)),
+                               jax.random.PRNGKey(0))["params"]
+        specs = nn.get_partition_spec(boxed)
+        assert tuple(specs["depformer_text_emb"]) == ("vocab", width)
+        assert tuple(specs["depformer_emb"]) == ("steps", "vocab", width)
+
+
+def test_depth_tokens_of_another_length_than_hidden_are_refused_not_broadcast():
+    # one column of tokens against three hidden positions would broadcast silently into the depformer input
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    params = jax.eval_shape(LMModel(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 4, 3), jnp.int32))
+    hidden = jnp.zeros((2, 3, cfg.dim))
+    for shape in ((2, cfg.dep_q, 1), (2, cfg.dep_q + 1, 3), (1, cfg.dep_q, 3)):
+        with pytest.raises(ValueError, match=r"tokens must be \[B, dep_q, T\] = \(2, 3, 3\)"):
+            jax.eval_shape(lambda p, t: LMModel(cfg).apply(p, hidden, t, method="depth"), params,
+                           jnp.zeros(shape, jnp.int32))

@@ -8,7 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moshi_jax.nn.transformer import Transformer, TransformerConfig, init_state, stream_layers, unstack_layers
+from moshi_jax.nn.transformer import (
+    Transformer,
+    TransformerConfig,
+    init_state,
+    select_step_weights,
+    stream_layers,
+    unstack_layers,
+)
 
 
 def _setup(cfg: TransformerConfig, B=2, T=12, seed=0):
@@ -104,3 +111,41 @@ def test_stream_layers_over_per_layer_rings_equals_the_scanned_stack_and_refuses
         stream_layers(cfg, layers, x[:, :1], stacked)
     with pytest.raises(ValueError, match="per-layer KV caches"):
         model.apply(params, x[:, :1], per_layer)
+    with pytest.raises(ValueError, match="expected 2 per-layer param trees, got 1"):
+        stream_layers(cfg, layers[:1], x[:, :1], per_layer)
+
+
+def test_a_per_step_stack_without_context_streams_its_steps_in_one_call_several_or_each_from_its_weight_cut():
+    # The reference's depth transformer: no context (its ring holds the weights_per_step positions), and each
+    # position of a multi-position call uses its own step's weights (the offset plus its index, scheduled).
+    cfg = TransformerConfig(d_model=16, num_heads=2, num_layers=2, dim_feedforward=32, context=None, gating="silu",
+                            norm="rms_norm", positional_embedding="sin", weights_per_step=4,
+                            weights_per_step_schedule=(0, 1, 1, 2))
+    assert cfg.cache_capacity == 4
+    model, params, x = _setup(cfg, T=4)
+    full, _ = model.apply(params, x)
+    layers = unstack_layers(nn.unbox(params["params"]["layers"]), cfg.num_layers)
+    B = x.shape[0]
+    for cuts in ((0, 4), (0, 1, 4)):  # all steps in one call; one step, then the three others
+        stacked, per_layer, ys, zs = init_state(cfg, B), init_state(cfg, B, per_layer=True), [], []
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            y, stacked = model.apply(params, x[:, a:b], stacked)
+            z, per_layer = stream_layers(cfg, layers, x[:, a:b], per_layer)
+            ys.append(y)
+            zs.append(z)
+        np.testing.assert_allclose(jnp.concatenate(ys, 1), full, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(jnp.concatenate(zs, 1), full, rtol=1e-5, atol=1e-6)
+    # each step alone with its own cut of the per-step weights (what the LM's prepared depth steps hold)
+    state = init_state(cfg, B, per_layer=True)
+    for t, s in enumerate(cfg.weights_per_step_schedule):
+        cut = tuple(select_step_weights(p, s) for p in layers)
+        y, state = stream_layers(cfg, cut, x[:, t:t + 1], state, step_index=0)
+        np.testing.assert_allclose(y, full[:, t:t + 1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs `context`"):
+        init_state(dataclasses.replace(cfg, weights_per_step=0, weights_per_step_schedule=None), B)
+
+
+def test_a_schedule_whose_length_is_not_the_number_of_steps_is_refused():
+    with pytest.raises(ValueError, match="weights_per_step_schedule must have weights_per_step entries"):
+        TransformerConfig(d_model=16, num_heads=2, num_layers=1, dim_feedforward=32, gating="silu",
+                          weights_per_step=4, weights_per_step_schedule=(0, 1, 1))

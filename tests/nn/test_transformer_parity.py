@@ -16,7 +16,7 @@ import pytest
 
 from moshi_jax.lm import checkpoint as ck
 from moshi_jax.nn.norms import NORMS, Norm
-from moshi_jax.nn.transformer import Transformer, TransformerConfig, init_state
+from moshi_jax.nn.transformer import Transformer, TransformerConfig, init_state, stream_layers, unstack_layers
 
 torch = pytest.importorskip("torch")
 ref_tr = pytest.importorskip("moshi.modules.transformer")
@@ -210,6 +210,32 @@ def test_a_bfloat16_stack_returns_the_input_dtype_and_stays_close_to_float32():
     want, _ = Transformer(dataclasses.replace(cfg, dtype="float32")).apply(params, x.astype(jnp.float32))
     assert got.dtype == jnp.bfloat16
     _assert_close(got, want, tol=5e-2)
+
+
+@pytest.mark.parametrize("name", ["mimi", "helium", "depth"])
+def test_a_bfloat16_stack_computes_the_same_on_bfloat16_input_and_on_its_float32_copy(name):
+    # The compute dtype alone sets the arithmetic: the residual stream is kept in bf16 even when the input
+    # arrives in float32 (the output comes back in the input's dtype).
+    cfg = dataclasses.replace(CASES[name], dtype="bfloat16")
+    params = _params(_reference(cfg), cfg)
+    x = jnp.asarray(_x(cfg)).astype(jnp.bfloat16)
+    y16, _ = Transformer(cfg).apply(params, x)
+    y32, _ = Transformer(cfg).apply(params, x.astype(jnp.float32))
+    assert y16.dtype == jnp.bfloat16 and y32.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(y32), np.asarray(y16, np.float32))
+    layers = unstack_layers(params["params"]["layers"], cfg.num_layers)  # the per-layer streaming path
+    s16, s32 = (stream_layers(cfg, layers, x[:, :3].astype(dt), init_state(cfg, x.shape[0], per_layer=True))[0]
+                for dt in (jnp.bfloat16, jnp.float32))
+    assert s16.dtype == jnp.bfloat16 and s32.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(s32), np.asarray(s16, np.float32))
+
+
+def test_unset_positional_settings_are_the_reference_stacks_defaults():
+    import inspect
+
+    ref = inspect.signature(ref_tr.StreamingTransformer).parameters
+    cfg = TransformerConfig(d_model=16, num_heads=2, num_layers=1, dim_feedforward=32)
+    assert (cfg.max_period, cfg.positional_scale) == (ref["max_period"].default, ref["positional_scale"].default)
 
 
 def test_a_plain_mlp_with_per_step_weights_is_refused_as_in_the_reference():
