@@ -24,6 +24,7 @@ def test_int8_round_trip_is_within_half_a_step_of_each_slices_maximum(axes):
     assert bool(jnp.all(err <= amax / 254 * (1 + 1e-6)))
     assert int(jnp.max(jnp.abs(qw.q.astype(jnp.int32)))) == 127  # each slice's maximum uses the full range
     np.testing.assert_array_equal(np.asarray(qw.astype(jnp.bfloat16)), np.asarray(qw.dequantize(jnp.bfloat16)))
+    assert qw.astype(jnp.bfloat16).dtype == jnp.bfloat16 and qw.dequantize().dtype == jnp.float32
 
 
 def test_an_all_zero_slice_quantizes_to_zero_without_nans():
@@ -48,8 +49,11 @@ def test_layer_quantization_scales_each_output_channel_and_leaves_norms_alone():
                           "out_proj": jnp.asarray(r.standard_normal((5, 2, 8, 16)), jnp.bfloat16)},  # per-step axis
             "mlp": {"linear_in": jnp.asarray(r.standard_normal((16, 2, 24)), jnp.bfloat16),
                     "linear_out": jnp.asarray(r.standard_normal((24, 16)), jnp.bfloat16)},
+            "plain_mlp": {"linear1": jnp.asarray(r.standard_normal((16, 24)), jnp.bfloat16),  # non-gated MLP
+                          "linear2": jnp.asarray(r.standard_normal((24, 16)), jnp.bfloat16)},
             "norm1": {"alpha": jnp.ones((16,), jnp.bfloat16)}}
     q = quant.quantize_layer_params(tree)
+    assert q["plain_mlp"]["linear1"].scale.shape == (1, 24) and q["plain_mlp"]["linear2"].scale.shape == (1, 16)
     assert q["self_attn"]["in_proj"].scale.shape == (1, 3, 2, 8)  # one per output channel
     assert q["self_attn"]["out_proj"].scale.shape == (5, 1, 1, 16)  # per step and output channel
     assert q["mlp"]["linear_in"].scale.shape == (1, 2, 24)
