@@ -163,6 +163,8 @@ def test_a_bfloat16_stream_with_a_default_float32_state_computes_in_bfloat16():
     ((2, 9, 32, 3), (3, 9), (1, 2), ((4, 4), (4, 4)), (4, 1)),  # time dilation, even frequency count
     ((2, 11, 20, 2), (3, 4), (2, 3), ((0, 1), (2, 0)), (1, 1)),  # both axes strided, kernel not a multiple
     ((3, 50, 4), (7,), (5,), ((0, 0),), (1,)),  # 1-D, stride 5, windows that leave a remainder
+    ((2, 30, 3), (3,), (2,), ((2, 2),), (2,)),  # strided AND dilated axis: left to the direct conv
+    ((2, 30, 3), (4,), (3,), ((1, 0),), None),  # dilation not given: 1
 ])
 def test_polyphase_strided_conv_equals_the_direct_conv_in_value_and_gradient(shape, kernel, strides, padding,
                                                                              dilation):
@@ -174,7 +176,7 @@ def test_polyphase_strided_conv_equals_the_direct_conv_in_value_and_gradient(sha
         y = conv_nd(x, w, strides, padding, dilation)
         return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) / y.size), y
 
-    expected = jax.lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
+    expected = jax.lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation or (1,) * len(kernel),
                                             dimension_numbers=("NWC", "WIO", "NWC") if len(kernel) == 1
                                             else ("NHWC", "HWIO", "NHWC"))
     results = {}
@@ -188,3 +190,17 @@ def test_polyphase_strided_conv_equals_the_direct_conv_in_value_and_gradient(sha
     np.testing.assert_allclose(gx_poly, gx_direct, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gw_poly, gw_direct, rtol=1e-5, atol=1e-4)
     assert float(jnp.abs(gx_direct).max()) > 0 and float(jnp.abs(gw_direct).max()) > 0
+
+
+def test_on_cpu_the_strided_convs_input_gradient_has_no_zero_stuffed_convolution():
+    # What the polyphase choice is for: XLA:CPU runs an lhs-dilated (zero-stuffed) convolution on a slow path.
+    x = jnp.zeros((2, 9, 33, 3), jnp.float32)
+    w = jnp.zeros((3, 9, 3, 4), jnp.float32)
+
+    def hlo(which):
+        with backend.override(which):
+            grad = jax.jit(jax.grad(lambda x, w: jnp.sum(conv_nd(x, w, (1, 2), ((1, 1), (4, 4)), (1, 1)) ** 2)))
+            return grad.lower(x, w).compile().as_text()
+
+    assert "lhs_dilate" not in hlo("cpu")
+    assert "lhs_dilate" in hlo("portable")  # the direct strided conv's input gradient (what the CPU choice avoids)
