@@ -151,17 +151,17 @@ def transcribe_codes(lm_cfg, lm_params, codes: Sequence[np.ndarray], delay: int,
 
     fwd = jax.jit(lambda p, g: M.forward(p, g, lm_cfg).text_logits[:, 0])
     K = lm_cfg.n_q
+    extra = delay + 1 if extra_frames is None else extra_frames
     out: list[str] = []
     for i in range(0, len(codes), batch):
         chunk = list(codes[i:i + batch])
-        L = max(c.shape[1] for c in chunk) + (delay + 1 if extra_frames is None else extra_frames)
+        L = max(c.shape[1] for c in chunk) + extra
         grid = np.full((batch, 1 + K, L), pipeline.PAD_VALUE, np.int32)
         for b, c in enumerate(chunk):
             grid[b, 1:, :c.shape[1]] = c[:K]
         for s in range(delay, L):
             logits = np.asarray(fwd(lm_params, grid))
             grid[:, 0, s] = logits[:, s].argmax(-1)
-        extra = delay + 1 if extra_frames is None else extra_frames
         # each item's own frames + `extra` only (a shorter item's grid runs on until the longest ends)
         out += [decode_text(tokenizer, grid[b, 0, delay:c.shape[1] + extra]) for b, c in enumerate(chunk)]
     return out

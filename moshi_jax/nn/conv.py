@@ -72,6 +72,9 @@ def conv_nd(x: Array, kernel: Array, strides: tuple[int, ...], padding: tuple[tu
     sums. Its input gradient is then a plain conv instead of a zero-stuffed one.
     """
     n = x.ndim - 2
+    if not 1 <= n <= 3:
+        raise ValueError(f"conv_nd: {n} spatial axes (1 to 3)")
+    spatial = "DHW"[-n:]
     dilation = tuple(dilation or (1,) * n)
     fold = [a for a in range(n) if strides[a] > 1 and dilation[a] == 1]
     if backend.choices().strided_conv == "polyphase" and fold:
@@ -92,9 +95,6 @@ def conv_nd(x: Array, kernel: Array, strides: tuple[int, ...], padding: tuple[tu
             kernel = jnp.moveaxis(kernel, a + 1, -3)
             kernel = kernel.reshape(*kernel.shape[:-3], s * kernel.shape[-2], kernel.shape[-1])
         strides = tuple(1 if a in fold else st for a, st in enumerate(strides))
-    spatial = "DHW"[-n:] if n <= 3 else None
-    if spatial is None:
-        raise ValueError(f"conv_nd: {n} spatial axes (at most 3)")
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
         dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
