@@ -453,8 +453,9 @@ def compile_codec(config: str, overrides: list[str], topology: str, mesh_shape: 
     if batch_size is not None:
         cfg = config_lib.apply_overrides(cfg, [f"data.batch_size={batch_size}"])
     mesh, kind = _topology_mesh(topology, mesh_shape or (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
-    return {**aot_compile_codec(cfg, mesh), "config": config, "overrides": overrides, "topology": topology,
-            "device_kind": kind}
+    with backend.override("portable"):  # as compile_lm: the host backend is CPU, the target a TPU
+        result = aot_compile_codec(cfg, mesh)
+    return {**result, "config": config, "overrides": overrides, "topology": topology, "device_kind": kind}
 
 
 def _compile(config: str, overrides: list[str], topology: str, mesh_shape, batch_size) -> dict:
