@@ -32,6 +32,10 @@ the model's streams). Text-only sources give grids whose audio streams are all -
 Text/audio shift (`data.text_delay_frames = d`): d > 0 puts text d frames AFTER the audio it transcribes
 (streaming ASR), d < 0 puts it |d| frames BEFORE (streaming TTS); the lagging stream group starts with |d|
 frames of -1 and the record grows by |d| frames, so no token is cut off.
+
+Input augmentation (train only, `data.input_time_masks` / `input_time_mask_frames` / `input_token_noise`): after
+the crop, time spans of the audio streams the LM reads but does not predict become -1 and some of their tokens
+are redrawn (`_InputAugment`, seeded like the crop). Loss targets (text, predicted audio) are never touched.
 """
 
 from __future__ import annotations
@@ -188,12 +192,56 @@ def _window_table(src_id: int, lengths: np.ndarray, T: int) -> np.ndarray:
     return np.stack([np.full(len(rec), src_id), rec, k], axis=1).astype(np.int64)
 
 
+@dataclasses.dataclass(frozen=True)
+class _InputAugment:
+    """Training-time noise on the grid rows `first_row`.. (the audio streams the LM reads but does not predict):
+    `time_masks` spans of 1..`max_frames` frames set to -1, then tokens replaced by a uniform code in [0, card)
+    with probability `token_noise`. Padding (-1) stays -1."""
+
+    first_row: int
+    time_masks: int
+    max_frames: int
+    token_noise: float
+    card: int
+
+    def __call__(self, window: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """window: int32 [S, T] -> a copy with the input rows augmented."""
+        out = window.copy()
+        rows = out[self.first_row:]  # a view: written in place
+        T = out.shape[1]
+        for _ in range(self.time_masks):
+            width = int(rng.integers(1, self.max_frames + 1))
+            start = int(rng.integers(0, max(T - width, 0) + 1))
+            rows[:, start:start + width] = PAD_VALUE
+        if self.token_noise > 0:
+            hit = (rng.random(rows.shape) < self.token_noise) & (rows >= 0)
+            rows[hit] = rng.integers(0, self.card, size=int(hit.sum()))
+        return out
+
+
+def _input_augment(data_cfg, lm_cfg) -> _InputAugment | None:
+    """The configured augmentation of the LM's input-only audio streams, None when off. Raises DataConfigError
+    when it is asked for and the LM predicts every stream it reads (nothing to augment without corrupting a
+    loss target)."""
+    masks = int(getattr(data_cfg, "input_time_masks", 0))
+    noise = float(getattr(data_cfg, "input_token_noise", 0.0))
+    if not masks and not noise:
+        return None
+    first = 1 + lm_cfg.dep_q  # text row, then the predicted audio streams, then the input-only ones
+    if first > lm_cfg.n_q:
+        raise DataConfigError(f"data.input_time_masks / input_token_noise augment the audio streams the LM reads "
+                              f"but does not predict; this LM predicts all of its {lm_cfg.n_q} audio streams")
+    return _InputAugment(first, masks, int(data_cfg.input_time_mask_frames), noise, lm_cfg.card)
+
+
 class _MakeExample:
     """(source, record, window, index) -> {"codes": int32 [1 + n_q, T], "source": int32, "window": int32}; random
     crop when an rng is given (train), else the window's own T frames (eval; source -1: a padding row of -1).
     Record readers open lazily (per worker process)."""
 
-    def __init__(self, sources: Sequence[_SourceInfo], layout: _Layout, T: int):
+    def __init__(self, sources: Sequence[_SourceInfo], layout: _Layout, T: int,
+                 augment: _InputAugment | None = None):
+        self.augment = augment  # train crops only
         self.kinds = [s.kind for s in sources]
         self.shards = [s.shards for s in sources]
         self.channels = [s.channels for s in sources]
@@ -230,6 +278,8 @@ class _MakeExample:
         window = grid[:, offset:offset + T]
         if window.shape[1] < T:
             window = np.pad(window, ((0, 0), (0, T - window.shape[1])), constant_values=PAD_VALUE)
+        if rng is not None and self.augment is not None and self.kinds[s] == "audio":
+            window = self.augment(window, rng)
         return {"codes": np.ascontiguousarray(window, np.int32), "source": np.int32(s), "window": np.int32(i)}
 
 
@@ -261,7 +311,7 @@ def make_dataset(data_cfg, lm_cfg, train: bool, *, process_index: int | None = N
     if not sources:
         raise DataConfigError(f"data.{'sources' if train else 'eval_sources'} is empty")
     infos = [_open_source(s.path, lm_cfg, layout) for s in sources]
-    make = _MakeExample(infos, layout, T)
+    make = _MakeExample(infos, layout, T, _input_augment(data_cfg, lm_cfg) if train else None)
     read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)  # elements are this process's batches
 
     if not train:

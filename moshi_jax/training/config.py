@@ -73,9 +73,20 @@ class DataConfig:
     # dialogues -> Mimi codes + text stream) into <run_dir>/data and uses it; "random": random token grids
     # (smoke tests of the machinery only: nothing to learn).
     builtin: str = "speech"
+    # Training-time augmentation of the audio streams the LM reads but does not predict (every stream of an ASR
+    # model, the user's streams of Moshi), never of a loss target and never in eval: `input_time_masks` spans
+    # of 1..`input_time_mask_frames` frames per window become "no token" (-1, SpecAugment's time masks), then
+    # each remaining token is replaced by a uniformly drawn code with probability `input_token_noise`.
+    input_time_masks: int = 0
+    input_time_mask_frames: int = 3
+    input_token_noise: float = 0.0
 
     def __post_init__(self):
-        _positive(self, "seq_frames", "batch_size")
+        _positive(self, "seq_frames", "batch_size", "input_time_mask_frames")
+        if self.input_time_masks < 0:
+            raise ConfigError(f"data.input_time_masks must be >= 0, got {self.input_time_masks}")
+        if not 0.0 <= self.input_token_noise < 1.0:
+            raise ConfigError(f"data.input_token_noise must be in [0, 1), got {self.input_token_noise}")
         if self.builtin not in BUILTIN_DATA:
             raise ConfigError(f"data.builtin must be one of {BUILTIN_DATA}, got {self.builtin!r}")
 

@@ -309,3 +309,83 @@ def test_describe_counts_records_frames_and_windows_per_source(two_sources):
     assert info[a]["records"] == 5 and info[a]["frames"] == 40 + 23 + 9 + 61 + 30
     assert info[a]["windows"] == 3 + 2 + 1 + 4 + 2 and info[a]["weight"] == 2.0
     assert info[b]["kind"] == "audio" and info[b]["windows"] == 4 + 2 + 3
+
+
+# ------------------------------------------------------------------ input augmentation (train only)
+def _augmented_batches(src, lengths, n, **kw):
+    cfg = data_cfg([(src, 1.0)], seq_frames=16, batch_size=4, **kw)
+    cfg = dataclasses.replace(cfg, eval_sources=cfg.sources)
+    rows = []
+    for batch in batches(pipeline.make_dataset(cfg, LM, train=True), n):
+        for row in batch["codes"]:
+            offset, _ = find_record_and_offset(row[0], lengths)
+            r = int(((row[1, 0] - offset) % LM.card) // 3)
+            rows.append((row, stored_grid(r, lengths[r], 2)[:, offset:offset + 16]))
+    return cfg, rows
+
+
+def test_time_masks_blank_spans_of_the_input_only_streams_and_never_a_loss_target(tmp_path):
+    lengths = [40, 61, 30]
+    src = write_source(tmp_path / "a", lengths)
+    first_input = 1 + LM.dep_q  # text + Moshi's 8 predicted streams are targets; the user's 8 are inputs only
+    cfg, rows = _augmented_batches(src, lengths, 6, input_time_masks=2, input_time_mask_frames=4)
+    blanked = 0
+    for row, clean in rows:
+        np.testing.assert_array_equal(row[:first_input], clean[:first_input])  # targets exactly as stored
+        changed = np.nonzero(np.any(row[first_input:] != clean[first_input:], axis=0))[0]
+        # the same frames of every input stream, all -1, at most two spans of at most 4 frames
+        assert np.all(row[first_input:, changed] == -1)
+        np.testing.assert_array_equal(row[first_input:, np.setdiff1d(np.arange(16), changed)],
+                                      clean[first_input:, np.setdiff1d(np.arange(16), changed)])
+        spans = np.split(changed, np.nonzero(np.diff(changed) > 1)[0] + 1) if len(changed) else []
+        assert len(changed) <= 8 and len(spans) <= 2
+        blanked += len(changed)
+    assert blanked > 0
+    # eval windows of the same config are the stored grids, untouched
+    for batch in batches(pipeline.make_dataset(cfg, LM, train=False), 2):
+        for row in batch["codes"]:
+            if row[0, 0] >= 0:
+                offset, _ = find_record_and_offset(row[0], lengths)
+                r = int(((row[1, 0] - offset) % LM.card) // 3)
+                stored = stored_grid(r, lengths[r], 2)[:, offset:offset + 16]
+                np.testing.assert_array_equal(row[:, :stored.shape[1]], stored)
+                assert np.all(row[:, stored.shape[1]:] == -1)  # a record's last window, padded
+
+
+def test_token_noise_redraws_about_that_share_of_input_tokens_within_the_codebook(tmp_path):
+    lengths = [40, 61, 30, 52]
+    src = write_source(tmp_path / "a", lengths)
+    first_input = 1 + LM.dep_q
+    _, rows = _augmented_batches(src, lengths, 8, input_token_noise=0.25)
+    changed = total = 0
+    for row, clean in rows:
+        np.testing.assert_array_equal(row[:first_input], clean[:first_input])
+        inputs = row[first_input:]
+        assert np.all((inputs >= 0) & (inputs < LM.card))  # no padding was in these windows; none is made
+        changed += int(np.sum(inputs != clean[first_input:]))
+        total += inputs.size
+    # 4096 input tokens, p = 0.25 (a redraw equal to the original by chance is 1 / 2048): 4 sigma is +-0.027
+    assert 0.21 < changed / total < 0.29
+
+
+def test_augmented_batches_are_reproducible_from_the_seed(tmp_path):
+    src = write_source(tmp_path / "a", [40, 61, 30])
+    cfg = data_cfg([(src, 1.0)], input_time_masks=1, input_time_mask_frames=3, input_token_noise=0.1)
+    a, b = (batches(pipeline.make_dataset(cfg, LM, train=True), 3) for _ in range(2))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["codes"], y["codes"])
+
+
+def test_input_augmentation_is_refused_for_an_lm_that_predicts_every_stream_and_bad_values_are_rejected(tmp_path):
+    from moshi_jax.training.config import ConfigError
+
+    src = write_source(tmp_path / "a", [40])
+    tts_like = dataclasses.replace(LM, n_q=K, dep_q=K, delays=LM.delays[:1 + K])  # every audio stream predicted
+    with pytest.raises(pipeline.DataConfigError, match="predicts all of its 8 audio streams"):
+        pipeline.make_dataset(data_cfg([(src, 1.0)], input_token_noise=0.1), tts_like, train=True)
+    with pytest.raises(ConfigError, match="input_time_mask_frames must be > 0"):
+        data_cfg([(src, 1.0)], input_time_masks=2, input_time_mask_frames=0)
+    with pytest.raises(ConfigError, match="input_token_noise"):
+        data_cfg([(src, 1.0)], input_token_noise=1.0)
+    with pytest.raises(ConfigError, match="input_time_masks must be >= 0"):
+        data_cfg([(src, 1.0)], input_time_masks=-1)
