@@ -465,7 +465,8 @@ def _add_data(sub) -> None:
                         args.output, num_sentences=args.sentences, num_heldout=args.heldout_sentences,
                         seed=args.seed, per_sentence=args.per_sentence, tokenize=not args.no_tokenize,
                         mimi_preset=args.mimi_preset, mimi_weights=args.mimi_weights,
-                        num_codebooks=args.num_codebooks, progress=not args.no_progress)
+                        num_codebooks=args.num_codebooks, trailing_silence=args.trailing_silence,
+                        progress=not args.no_progress)
                 except ValueError as e:
                     raise CLIError(str(e)) from e
                 log.info("corpus: %s", path)
@@ -560,6 +561,8 @@ def _add_data(sub) -> None:
     y.add_argument("--heldout-sentences", type=int, default=200, help="held-out sentences (default 200)")
     y.add_argument("--per-sentence", type=int, default=1, help="train utterances per sentence (default 1)")
     y.add_argument("--num-codebooks", type=int, default=16, help="Mimi codebooks tokenized (default 16)")
+    y.add_argument("--trailing-silence", type=float, default=1.0,
+                   help="seconds of silence after each recording, where a delayed text stream ends (default 1.0)")
     y.add_argument("--no-tokenize", action="store_true", help="only synthesize (manifests + audio + alignments)")
     mimi_args(y)
     y.set_defaults(mimi_preset="tiny")

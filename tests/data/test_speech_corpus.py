@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from moshi_jax.data import speech_corpus as C
@@ -72,6 +73,24 @@ def test_alignments_give_every_word_of_the_sentence_in_order(corpus):
         starts = [w[1][0] for w in words]
         assert starts == sorted(starts) and words[-1][1][1] <= it["duration"] + 1e-3
         assert {w[2] for w in words} == {"SPEAKER_MAIN"}
+
+
+def test_every_recording_ends_with_the_trailing_silence_after_its_last_word(corpus):
+    from moshi_jax.audio import load_audio
+
+    assert json.loads((corpus / "corpus.json").read_text())["trailing_silence"] == 1.0
+    for split in C.SPLITS:
+        for it in C.read_transcripts(corpus / f"{split}.jsonl"):
+            audio, sr = load_audio(it["path"], 24000)[0], 24000
+            assert len(audio) == round(it["duration"] * sr)
+            assert np.all(audio[-sr:] == 0) and np.any(audio[:-sr] != 0)
+            words = json.loads(open(it["path"].replace(".wav", ".json")).read())["alignments"]
+            assert it["duration"] - words[-1][1][1] >= 1.0 - 1e-3
+
+
+def test_a_negative_trailing_silence_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--trailing-silence"):
+        C.build_corpus(tmp_path, num_sentences=2, num_heldout=1, trailing_silence=-0.5, tokenize=False)
 
 
 def test_each_split_is_tokenized_mono_with_text_and_the_codec_is_saved(corpus):
