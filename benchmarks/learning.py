@@ -112,8 +112,9 @@ def transcribe(engine, params, wavs: Sequence[np.ndarray], batch: int = 32) -> l
     """Streaming ASR through the engine: each utterance fed frame by frame, followed by `d + 2` frames of
     silence so that the text of its last frame (`d` frames later) comes out, its valid text tokens decoded.
     Utterances share a fixed-size batch (one compile); a shorter one's stream goes on with silence until the
-    longest ends, and only its own frames + `d + 2` count: what the same stream run alone gives (the model
-    never saw more than that after an utterance: training windows end with the recording)."""
+    longest ends, and only its own frames + `d + 2` count: what the same stream run alone gives. A model
+    trained on recordings without trailing silence never heard silence after an utterance (its windows end with
+    the recording): `moshi-jax data synth` appends `--trailing-silence` (1 s) to every recording for that."""
     out: list[str] = []
     d = engine.cfg.text_delay_frames
     for i in range(0, len(wavs), batch):
