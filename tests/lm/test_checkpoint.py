@@ -81,6 +81,17 @@ def test_import_from_released_layout_file_equals_import_from_live_state_dict(cas
     assert_outputs_match(reference_outputs(ref, codes), jit_forward(b, jnp.asarray(codes, jnp.int32), cfg))
 
 
+def test_attention_projection_named_in_proj_dot_weight_imports_as_the_released_name(tmp_path):
+    """Checkpoints whose attention input projection was an nn.Linear name it `self_attn.in_proj.weight`; the
+    reference's load hook takes that name as `in_proj_weight`, and so does the import."""
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    released = _released_layout(build_reference(TEST_LM_KWARGS, seed=3).state_dict())
+    renamed = {k.replace(".self_attn.in_proj_weight", ".self_attn.in_proj.weight"): v for k, v in released.items()}
+    assert sum(".in_proj.weight" in k for k in renamed) == cfg.temporal.num_layers + cfg.depth.num_layers
+    a, b = ck.load_reference(released, cfg), ck.load_reference(renamed, cfg)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
+
+
 @pytest.mark.parity
 def test_bf16_checkpoint_imports_exactly_as_float32_or_bf16_params(tmp_path):
     import torch
