@@ -62,6 +62,7 @@ FOCUSED_TESTS: dict[str, list[str]] = {
     "moshi_jax/lm/model.py": ["tests/lm/test_model_parity.py", "tests/lm/test_model_init.py",
                               "tests/lm/test_model_streaming.py"],
     "moshi_jax/lm/generate.py": ["tests/lm/test_generate.py", "tests/lm/test_generate_items.py"],
+    "moshi_jax/lm/checkpoint.py": ["tests/lm/test_checkpoint.py", "tests/lm/test_checkpoint_finite.py"],
 }
 
 _CAST_METHODS = {"astype"}  # x.astype(t) -> x

@@ -150,6 +150,41 @@ def test_misshaped_key_is_an_error_naming_it_and_both_shapes():
 
 
 @pytest.mark.parity
+def test_a_per_step_projection_of_another_width_is_reported_as_misshaped_not_stacked():
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    sd = _numpy_sd(TEST_LM_KWARGS)
+    key = "depformer.layers.0.self_attn.in_projs.1.weight"  # (48, 16): one step of the stacked projection
+    sd[key] = sd[key][:, :-1]  # same rows: the stacked row count still adds up to the expected one
+    with pytest.raises(ValueError, match=r"misshaped keys \(1\): depformer\.layers\.0\.self_attn\.in_proj_weight"):
+        ck.load_reference(sd, cfg)
+
+
+@pytest.mark.parity
+def test_a_long_list_of_missing_keys_names_twenty_and_gives_the_count():
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    sd = _released_layout(build_reference(TEST_LM_KWARGS, seed=0).state_dict())
+    gone = sorted(k for k in sd if k.startswith(("transformer.", "depformer.")))[:21]
+    for k in gone:
+        del sd[k]
+    with pytest.raises(ValueError, match=r"missing keys \(21\): ") as e:
+        ck.load_reference(sd, cfg)
+    listed = str(e.value).split("missing keys (21): ")[1].split(" | ")[0]
+    assert listed.endswith("; ... (21 in all)") and listed.count(";") == 20
+
+
+def test_export_with_a_dtype_casts_every_tensor_to_it():
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), ck.abstract_params(cfg))
+    f32 = ck.to_reference_state_dict(params, cfg)
+    b16 = ck.to_reference_state_dict(params, cfg, dtype="bfloat16")
+    assert set(b16) == set(f32)
+    for k, v in b16.items():
+        assert v.dtype == ml_dtypes.bfloat16, k
+        np.testing.assert_array_equal(v, f32[k].astype(ml_dtypes.bfloat16))
+
+
+@pytest.mark.parity
 def test_checkpoint_of_another_config_is_rejected_with_all_problems_listed():
     cfg = LMConfig.from_reference_kwargs({**TEST_LM_KWARGS, "num_layers": 1})
     with pytest.raises(ValueError, match=r"unexpected keys \(\d+\): .*; transformer\.layers\.1\."):

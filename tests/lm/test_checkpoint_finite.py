@@ -47,3 +47,14 @@ def test_export_round_trip_refuses_nan_params_and_keeps_the_old_file(state_dict,
         ck.save_reference(params, CFG, path)
     assert path.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_six_non_finite_tensors_name_five_and_count_the_rest(state_dict):
+    sd = dict(state_dict)
+    bad = sorted(sd)[:6]
+    for k in bad:
+        sd[k] = sd[k].copy()
+        sd[k].flat[0] = np.nan
+    with pytest.raises(NonFiniteError, match=r" and 1 more$") as e:
+        ck.load_reference(sd, CFG)
+    assert sum(k in str(e.value) for k in bad) >= 5
