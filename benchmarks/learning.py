@@ -210,6 +210,36 @@ def synthesize(engine, params, texts: Sequence[str], batch: int = 32, max_frames
     return results
 
 
+def synthesize_forced_text(lm_cfg, lm_params, records: Sequence[np.ndarray], delay: int, temp: float, seed: int,
+                           ) -> list[np.ndarray]:
+    """TTS with the text stream forced to each record's own (training-layout) text: the audio the model samples
+    when the words come exactly when the recording said them, without the engine's word state machine (which
+    lets the model's own EPAD predictions time the words). records: tokenized codes [1 + K, F] (text + audio);
+    returns the sampled audio codes [dep_q, F] of each record's audio frames."""
+    import jax
+    import jax.numpy as jnp
+
+    from moshi_jax.data import pipeline
+    from moshi_jax.lm import generate as G
+    from moshi_jax.nn.sampling import SamplingConfig
+
+    if delay > 0:
+        raise ValueError(f"forced-text TTS needs text ahead of (or aligned with) the audio, got text delay {delay}")
+    layout = pipeline._Layout(1, lm_cfg.dep_q, delay)
+    grids = [pipeline.to_model_grid(r[:1 + lm_cfg.dep_q], "audio", 1, layout) for r in records]
+    T = max(g.shape[1] for g in grids)
+    text = np.full((len(grids), T), lm_cfg.existing_text_padding_id, np.int32)  # PAD after a record's end
+    for i, g in enumerate(grids):
+        text[i, :g.shape[1]] = np.where(g[0] >= 0, g[0], lm_cfg.existing_text_padding_id)
+    sampling = SamplingConfig(use_sampling=True, temp=temp, top_k=25, temp_text=temp, top_k_text=25)
+    B = len(grids)
+    _, out = G.run(lm_params, G.init_gen_state(lm_cfg, B), jnp.zeros((B, lm_cfg.n_q - lm_cfg.dep_q, T), jnp.int32),
+                   jax.random.key(seed), cfg=lm_cfg, sampling=sampling, forced_text=jnp.asarray(text),
+                   forced_audio=jnp.full((B, lm_cfg.dep_q, T), -2, jnp.int32))
+    audio = np.asarray(out.audio)  # time-aligned; the audio of record i is frames [-delay, -delay + F)
+    return [audio[i, :, -delay:-delay + r.shape[1]] for i, r in enumerate(records)]
+
+
 # ------------------------------------------------------------------------------------------------ the benchmark
 def _utterances(corpus: Path, split: str, limit: int) -> list[dict]:
     from moshi_jax.data.speech_corpus import read_transcripts
@@ -306,6 +336,16 @@ def bench_tts(args, mimi_cfg, mimi_params, tok, asr) -> dict:
         espeak_codes = [c for c, _ in _codec_roundtrip(engine.codec, mimi_params, wavs, lm_cfg.dep_q)]
         result["wer_codes_espeak"] = wer(refs, transcribe_codes(asr_lm_cfg, asr_params["lm"], espeak_codes,
                                                                 asr_delay, tok, args.batch))
+        # The model with the recording's own word timing (no word state machine): how much is timing?
+        from moshi_jax.data.records import TokenizedDataset
+
+        held = TokenizedDataset.open(args.corpus / "tokens" / "heldout_sentences")
+        index = {Path(r["path"]).name: i for i, r in enumerate(held.records)}  # the manifest's order, by file
+        forced = synthesize_forced_text(lm_cfg, lm_params, [held.read(index[Path(it["path"]).name])[0] for it in items],
+                                        cfg.data.text_delay_frames, args.tts_temp, args.seed)
+        hyps_forced = transcribe_codes(asr_lm_cfg, asr_params["lm"], forced, asr_delay, tok, args.batch)
+        result["wer_codes_forced_text"] = wer(refs, hyps_forced)
+        result["examples_forced_text"] = _examples(refs, hyps_forced)
     # DTW log-mel distances
     wavs = _wavs(items)
     roundtrip = [w for _, w in _codec_roundtrip(engine.codec, mimi_params, wavs, lm_cfg.dep_q)]
@@ -441,6 +481,8 @@ def _markdown(result: dict) -> str:
                   f"{t['utterances']} held-out sentences, sampled at temperature {t['temperature']}:", ""]
         for key, what in (("wer_codes", "WER of the generated codes, transcribed by the trained ASR model"),
                           ("wer_codes_espeak", "(ceiling) the same ASR on the codec's codes of eSpeak's rendering"),
+                          ("wer_codes_forced_text", "the TTS model with the text forced to the recording's own word "
+                                                    "timing (no word state machine), codes read by the ASR model"),
                           ("wer_audio", "WER of the decoded audio through the ASR engine (random codec round trip)")):
             if key in t:
                 lines.append(f"- {what}: {100 * t[key]:.1f}%")

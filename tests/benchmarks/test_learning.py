@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from benchmarks import learning as L
 from moshi_jax.data.tokenize import calibrate_codebooks
@@ -68,3 +69,18 @@ def test_decode_text_drops_padding_and_out_of_vocabulary_ids():
     ids = tok.encode("the red box")
     noisy = [3, 0] + ids[:1] + [3, tok.vocab_size + 5, -1] + ids[1:] + [0, 3]
     assert L.decode_text(tok, noisy) == "the red box"
+
+
+def test_forced_text_tts_returns_each_record_s_audio_frames_and_refuses_text_after_audio():
+    from moshi_jax.lm import model as M
+
+    cfg = LMConfig.tts_small()
+    params = M.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    records = [np.concatenate([rng.integers(0, 50, (1, F)), rng.integers(0, cfg.card, (cfg.dep_q, F))]).astype(np.int32)
+               for F in (7, 11)]
+    out = L.synthesize_forced_text(cfg, params, records, delay=-2, temp=0.7, seed=0)
+    assert [o.shape for o in out] == [(cfg.dep_q, 7), (cfg.dep_q, 11)]
+    assert all(((o >= 0) & (o < cfg.card)).all() for o in out)  # every frame of the record is sampled audio
+    with pytest.raises(ValueError, match="text ahead"):
+        L.synthesize_forced_text(cfg, params, records, delay=2, temp=0.7, seed=0)
