@@ -483,7 +483,7 @@ def _markdown(result: dict) -> str:
                           ("wer_codes_espeak", "(ceiling) the same ASR on the codec's codes of eSpeak's rendering"),
                           ("wer_codes_forced_text", "the TTS model with the text forced to the recording's own word "
                                                     "timing (no word state machine), codes read by the ASR model"),
-                          ("wer_audio", "WER of the decoded audio through the ASR engine (random codec round trip)")):
+                          ("wer_audio", "WER of the decoded audio through the ASR engine (codec round trip)")):
             if key in t:
                 lines.append(f"- {what}: {100 * t[key]:.1f}%")
         d = t["dtw"]
