@@ -312,3 +312,13 @@ def test_2b_and_bench_presets_map_onto_their_reference_layouts():
         abstract = ck.abstract_params(cfg)
         assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract)) == count
         ck.check_layout(cfg, abstract)
+
+
+def test_layout_check_refuses_a_param_tree_the_key_table_does_not_cover():
+    """`check_layout` guards the port's own key table: a param tree of another shape (here: one more temporal
+    layer than the table's config) is reported, not silently half-mapped."""
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    ck.check_layout(cfg)  # the config's own tree: covered
+    other = ck.abstract_params(LMConfig.from_reference_kwargs({**TEST_LM_KWARGS, "num_layers": 3}))
+    with pytest.raises(ValueError, match="reference layout does not match the JAX params"):
+        ck.check_layout(cfg, other)
