@@ -322,3 +322,25 @@ def test_layout_check_refuses_a_param_tree_the_key_table_does_not_cover():
     other = ck.abstract_params(LMConfig.from_reference_kwargs({**TEST_LM_KWARGS, "num_layers": 3}))
     with pytest.raises(ValueError, match="reference layout does not match the JAX params"):
         ck.check_layout(cfg, other)
+
+
+def test_a_hibiki_repository_embeds_eos_like_pad_and_a_moshi_one_keeps_its_eos(tmp_path):
+    """The reference's get_moshi gives Hibiki's EOS (2) the PAD (3) text embedding, so an early EOS is ignored."""
+    from safetensors.numpy import save_file
+
+    kwargs = TEST_LM_KWARGS
+    released = _released_layout(build_reference(kwargs, seed=4).state_dict())
+    for model_type in ("hibiki", "moshi"):
+        repo = tmp_path / model_type
+        repo.mkdir()
+        (repo / "config.json").write_text(json.dumps({**kwargs, "moshi_name": "lm.safetensors",
+                                                      "model_type": model_type}))
+        save_file(released, str(repo / "lm.safetensors"))
+        _, params = ck.load_pretrained(repo)
+        emb = np.asarray(params["text_emb"])
+        np.testing.assert_array_equal(emb[3], released["text_emb.weight"][3])  # PAD as stored
+        if model_type == "hibiki":
+            np.testing.assert_array_equal(emb[2], emb[3])
+            np.testing.assert_array_equal(np.delete(emb, 2, 0), np.delete(released["text_emb.weight"], 2, 0))
+        else:
+            np.testing.assert_array_equal(emb, released["text_emb.weight"])
