@@ -30,13 +30,14 @@ class MLP(nn.Module):
     """`gating == "none"`: linear2(act(linear1(x))). Otherwise linear_out(act(gate) * value) with
     `linear_in` producing (gate, value) halves, per step if `weights_per_step`."""
 
+    # No defaults: the transformer configs (nn.transformer.TransformerConfig, mimi's) are the one source of each.
     dim: int
     dim_feedforward: int
-    gating: str = "none"
-    activation: str = "gelu"
-    weights_per_step: int = 0
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    gating: str
+    activation: str
+    weights_per_step: int
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
 
     @nn.compact
     def __call__(self, x: Array, step_index: Array | None = None) -> Array:

@@ -242,7 +242,7 @@ def test_a_plain_mlp_with_per_step_weights_is_refused_as_in_the_reference():
     from moshi_jax.nn.mlp import MLP
 
     with pytest.raises(ValueError, match="weights_per_step needs a gated MLP"):
-        MLP(16, 32, gating="none", weights_per_step=2).init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 16)))
+        MLP(16, 32, "none", "gelu", 2, jnp.float32, jnp.float32).init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 16)))
 
 
 @pytest.mark.parametrize("interleave", [True, False])
