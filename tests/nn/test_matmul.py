@@ -96,3 +96,23 @@ def test_implicit_output_specs_fall_back_to_plain_einsum():
     x, w = jnp.ones((2, 3, 4), jnp.bfloat16), jnp.ones((4, 5), jnp.bfloat16)
     assert matmul._grad_specs("btd,df") is None
     np.testing.assert_array_equal(matmul.einsum("btd,df", x, w), jnp.einsum("btd,df", x, w))
+
+
+def test_a_float32_out_dtype_backpropagates_like_a_bf16_result_cast_to_float32():
+    """`out_dtype=float32` only saves the forward's rounding: the gradient is the one of the bf16 result cast up
+    (the float32 cotangent is rounded to the operands' dtype before the float32-accumulated dots)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((8, 5)), jnp.bfloat16)
+    r = jnp.asarray(rng.standard_normal((2, 3, 5)), jnp.float32)  # a cotangent that bf16 cannot hold exactly
+
+    def loss_f32_out(x, w):
+        return jnp.sum(matmul.einsum("btd,df->btf", x, w, jnp.float32) * r)
+
+    def loss_cast_up(x, w):
+        return jnp.sum(matmul.einsum("btd,df->btf", x, w).astype(jnp.float32) * r)
+
+    ga, gb = jax.grad(loss_f32_out, (0, 1))(x, w), jax.grad(loss_cast_up, (0, 1))(x, w)
+    for a, b in zip(ga, gb, strict=True):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
