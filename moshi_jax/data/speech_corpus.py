@@ -161,7 +161,7 @@ def _utterance_plan(split: str, sentences: Sequence[str], voices: Sequence[str],
     return plan
 
 
-def _write_split(out: Path, split: str, plan: list[dict], progress: bool, trailing_silence: float = 0.0) -> Path:
+def _write_split(out: Path, split: str, plan: list[dict], progress: bool, trailing_silence: float) -> Path:
     """Synthesize a split into out/<split>/ and write out/<split>.jsonl (atomically, last); each recording
     followed by `trailing_silence` seconds of digital silence."""
     from tqdm import tqdm
