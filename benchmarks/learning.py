@@ -169,13 +169,15 @@ def transcribe_codes(lm_cfg, lm_params, codes: Sequence[np.ndarray], delay: int,
 
 
 # ------------------------------------------------------------------------------------------------ TTS
-def tts_engine(mimi_cfg, lm_cfg, delay: int, tokenizer, temp: float, seed: int):
+def tts_engine(mimi_cfg, lm_cfg, delay: int, tokenizer, temp: float, seed: int, initial_padding: int = 0):
+    """The engine in "tts" mode. `initial_padding`: PADs the word state machine forces before the first word
+    (the reference's default is 2; 0 here because the corpus's first word starts at the recording's start)."""
     from moshi_jax.engine.engine import Engine, EngineConfig
     from moshi_jax.nn.sampling import SamplingConfig
 
     sampling = SamplingConfig(use_sampling=True, temp=temp, top_k=25, temp_text=temp, top_k_text=25)
     return Engine(mimi_cfg, lm_cfg, EngineConfig(mode="tts", sampling=sampling, text_delay_frames=delay,
-                                                 seed=seed), tokenizer)
+                                                 seed=seed, tts_initial_padding=initial_padding), tokenizer)
 
 
 def synthesize(engine, params, texts: Sequence[str], batch: int = 32, max_frames: int = 120
@@ -313,7 +315,8 @@ def bench_tts(args, mimi_cfg, mimi_params, tok, asr) -> dict:
     from moshi_jax.eval.speech_metrics import mel_dtw_distance, wer
 
     cfg, lm_cfg, lm_params, step = load_model(args.tts_run)
-    engine = tts_engine(mimi_cfg, lm_cfg, cfg.data.text_delay_frames, tok, args.tts_temp, args.seed)
+    engine = tts_engine(mimi_cfg, lm_cfg, cfg.data.text_delay_frames, tok, args.tts_temp, args.seed,
+                        args.tts_initial_padding)
     params = {"mimi": mimi_params, "lm": lm_params}
     items = _utterances(args.corpus, "heldout_sentences", args.tts_utterances)
     refs = [it["text"] for it in items]
@@ -322,6 +325,7 @@ def bench_tts(args, mimi_cfg, mimi_params, tok, asr) -> dict:
     seconds = time.perf_counter() - t0
     result = {"run": str(args.tts_run), "step": step, "text_delay_frames": cfg.data.text_delay_frames,
               "utterances": len(items), "seconds": seconds, "temperature": args.tts_temp,
+              "initial_padding": args.tts_initial_padding,
               "generated_seconds_mean": float(np.mean([len(w) / 24000 for w, _ in gen]))}
     if asr is not None:
         asr_engine_, asr_params, asr_lm_cfg, asr_delay = asr["_model"]
@@ -339,7 +343,9 @@ def bench_tts(args, mimi_cfg, mimi_params, tok, asr) -> dict:
         # The model with the recording's own word timing (no word state machine): how much is timing?
         from moshi_jax.data.records import TokenizedDataset
 
-        held = TokenizedDataset.open(args.corpus / "tokens" / "heldout_sentences")
+        # the run's own held-out tokens (its text layout, e.g. `--epad-every-word`), else the corpus's
+        evals = [Path(src.path) for src in cfg.data.eval_sources if Path(src.path).name == "heldout_sentences"]
+        held = TokenizedDataset.open(evals[0] if evals else args.corpus / "tokens" / "heldout_sentences")
         index = {Path(r["path"]).name: i for i, r in enumerate(held.records)}  # the manifest's order, by file
         forced = synthesize_forced_text(lm_cfg, lm_params, [held.read(index[Path(it["path"]).name])[0] for it in items],
                                         cfg.data.text_delay_frames, args.tts_temp, args.seed)
@@ -524,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--tts-utterances", type=int, default=64, help="held-out sentences for TTS (default 64)")
     p.add_argument("--dtw-utterances", type=int, default=32, help="TTS utterances scored by DTW (default 32)")
     p.add_argument("--tts-temp", type=float, default=0.7, help="TTS sampling temperature (text and audio)")
+    p.add_argument("--tts-initial-padding", type=int, default=0,
+                   help="PADs forced before the first word by the TTS word state machine (default 0: the corpus's "
+                        "first word starts its recording; the reference's default is 2)")
     p.add_argument("--batch", type=int, default=32, help="utterances per engine batch")
     p.add_argument("--probe-pairs", type=int, default=40, help="sentence pairs of the codec probe (default 40)")
     p.add_argument("--seed", type=int, default=0)

@@ -446,7 +446,7 @@ def _add_data(sub) -> None:
                     num_codebooks=args.num_codebooks, batch_size=args.batch_size, chunk_frames=args.chunk_frames,
                     on_error=args.on_error, allow_mono=args.allow_mono, resample=not args.no_resample,
                     main_speaker=args.main_speaker, speakers=speakers, records_per_shard=args.records_per_shard,
-                    progress=not args.no_progress)
+                    epad_every_word=args.epad_every_word, progress=not args.no_progress)
                 index = tokenize.tokenize_dataset(args.manifest, args.output, mimi_weights=args.mimi_weights,
                                                   mimi_preset=args.mimi_preset, mimi_seed=args.seed,
                                                   tokenizer=args.tokenizer, options=opts)
@@ -530,6 +530,9 @@ def _add_data(sub) -> None:
     t.add_argument("--speakers", default=None,
                    help="comma list of accepted speaker labels (default: only the main speaker); words of other "
                         "accepted speakers are dropped, unknown labels make the file bad data")
+    t.add_argument("--epad-every-word", action="store_true",
+                   help="open every word of the text stream with EPAD, after the previous word's last token (the "
+                        "layout the TTS engine feeds; for TTS training). Default: moshi-finetune's stream")
     t.add_argument("--records-per-shard", type=int, default=1024, help="records per ArrayRecord shard")
     mimi_args(t)
 

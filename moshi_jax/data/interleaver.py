@@ -14,6 +14,9 @@ A faithful re-statement of moshi-finetune's `finetune/data/interleaver.py` (`Int
    when the queue is non-empty, frame t - 1 becomes EPAD if it holds PAD (or in-word PAD) and frame t gets the
    next token; frames without a token up to the last loaded word's end frame (int(end * frame_rate)) get the
    in-word PAD (= PAD by default);
+   With `epad_every_word` (not in moshi-finetune; the layout the TTS state machine of `engine/tts.py` feeds):
+   every word is queued as [EPAD, *tokens] after what is left of the previous word (nothing is dropped); a
+   word loaded into an empty queue right after a PAD frame puts that EPAD on the PAD frame (t - 1), as above;
 5. negative `audio_delay`: the first int(frame_rate * -audio_delay) frames become `zero_id` (-1);
 6. no alignments at all (None): the whole stream is `zero_id` (no text loss, zero embedding).
 
@@ -141,6 +144,7 @@ def text_stream(
     main_speaker: str = MAIN_SPEAKER,
     keep_main_only: bool = True,
     keep_and_shift: bool = False,
+    epad_every_word: bool = False,
     use_bos_eos: bool = False,
     bos_id: int | None = None,
     eos_id: int | None = None,
@@ -157,6 +161,8 @@ def text_stream(
       keep_main_only: keep only `main_speaker`'s words (moshi-finetune's setting). Else `use_bos_eos` inserts
         `bos_id` / `eos_id` at speaker changes.
       keep_and_shift: queue a new word's tokens after the unfinished previous word instead of replacing it.
+      epad_every_word: every word opens with EPAD (implies keep_and_shift): the stream a TTS model is driven
+        with, where a word is only fed after the model asks for it with EPAD.
       audio_delay: seconds the text runs AHEAD of the audio (> 0: TTS-like); < 0 also blanks the first
         |delay| seconds of text with `zero_id`.
     """
@@ -201,13 +207,19 @@ def text_stream(
         while i < len(tokenized) and tokenized[i][1][0] * frame_rate < t + 1:
             toks, (_, end), _ = tokenized[i]
             last_word_end = int(end * frame_rate)  # truncation toward zero, as the reference's int()
-            if keep_and_shift:
+            if epad_every_word:
+                if not queue and t > 0 and out[t - 1] in (pad_id, in_word):
+                    out[t - 1] = epad_id
+                    queue.extend(toks)
+                else:
+                    queue.extend([epad_id, *toks])
+            elif keep_and_shift:
                 queue.extend(toks)
             else:
                 queue = deque(toks)
             i += 1
         if queue:
-            if t > 0 and out[t - 1] in (pad_id, in_word):
+            if not epad_every_word and t > 0 and out[t - 1] in (pad_id, in_word):
                 out[t - 1] = epad_id
             out[t] = queue.popleft()
         elif t <= last_word_end:

@@ -103,6 +103,9 @@ class TokenizeOptions:
     # (see `calibrate_codebooks`) so the codes carry information. Never applied to loaded weights.
     calibrate_random: bool = True
     calibration_seconds: float = 60.0
+    # Every word of the text stream opens with EPAD (interleaver.text_stream's `epad_every_word`): the layout
+    # the TTS state machine feeds, for TTS training. Off: moshi-finetune's stream (an EPAD only after a PAD).
+    epad_every_word: bool = False
 
     def __post_init__(self):
         if self.on_error not in ON_ERROR:
@@ -255,7 +258,8 @@ def _text_stream(alignments: list, num_frames: int, word_tokens, frame_rate: flo
 
     return np.asarray(interleaver.text_stream(alignments, num_frames, word_tokens, frame_rate=frame_rate,
                                               pad_id=TEXT_PAD_ID, epad_id=TEXT_EPAD_ID,
-                                              main_speaker=opts.main_speaker, keep_main_only=True), np.int32)
+                                              main_speaker=opts.main_speaker, keep_main_only=True,
+                                              epad_every_word=opts.epad_every_word), np.int32)
 
 
 # ----------------------------------------------------------------------------------------------- Mimi lanes
@@ -505,7 +509,7 @@ def tokenize_dataset(manifest: str | Path, out_dir: str | Path, *, mimi_weights:
             log.info("random Mimi: codebooks fitted to %.0f s of this dataset's latents (codes now depend on "
                      "the audio)", audio.shape[0] * audio.shape[-1] / cfg.sample_rate)
     text_desc.update(pad_id=TEXT_PAD_ID, epad_id=TEXT_EPAD_ID, main_speaker=opts.main_speaker, keep_main_only=True,
-                     speakers=list(opts.allowed_speakers))
+                     speakers=list(opts.allowed_speakers), epad_every_word=opts.epad_every_word)
 
     from moshi_jax.io_atomic import atomic_dir
 

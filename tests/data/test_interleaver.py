@@ -67,6 +67,43 @@ def test_a_word_longer_than_its_frames_is_cut_by_the_next_word():
     assert stream(al, 6, keep_and_shift=True) == [3, 0, 30, 31, 32, 20]
 
 
+def test_epad_every_word_opens_each_word_with_epad_and_drops_no_token():
+    # TTS layout: big (3 tokens) at t=2 gets its EPAD on the PAD frame 1; a loads at t=3 while big is still
+    # queued, so [EPAD, 20] follows big's last token instead of cutting it.
+    al = [("big", (0.2, 0.5), M), ("a", (0.3, 0.4), M)]
+    assert stream(al, 8, epad_every_word=True) == [3, 0, 30, 31, 32, 0, 20, 3]
+    # a word at frame 0 has no PAD frame before it: its EPAD takes frame 0 and its tokens follow.
+    assert stream([("a", (0.0, 0.1), M), ("cat", (0.08, 0.2), M)], 6, epad_every_word=True) == [0, 20, 0, 40, 3, 3]
+    # two words loading in the same frame are both kept, in start order, each after its own EPAD.
+    al = [("hello", (0.2, 0.9), M), ("a", (0.22, 0.3), M)]
+    assert stream(al, 7, epad_every_word=True) == [3, 0, 10, 11, 0, 20, 3]
+
+
+def test_epad_every_word_matches_the_default_stream_where_words_are_separated_by_pads():
+    al = [("a", (0.2, 0.3), M), ("hello", (0.5, 0.7), M), ("cat", (1.0, 1.1), M)]
+    assert stream(al, 16, epad_every_word=True) == stream(al, 16)
+    # one PAD frame between two words is enough for the EPAD; a word in frame 1 puts its EPAD on frame 0
+    assert stream([("a", (0.2, 0.25), M), ("cat", (0.33, 0.4), M)], 6, epad_every_word=True) == [3, 0, 20, 0, 40, 3]
+    assert stream([("a", (0.1, 0.15), M)], 3, epad_every_word=True) == [0, 20, 3]
+    assert stream(al, 16, epad_every_word=True, in_word_pad_id=7) == stream(al, 16, in_word_pad_id=7)
+
+
+def test_epad_every_word_gives_one_epad_per_word_and_every_token_in_order():
+    rng = np.random.default_rng(0)
+    words = [w for w in VOCAB if VOCAB[w]]
+    for _ in range(50):
+        starts = np.sort(rng.uniform(0, 2.0, size=int(rng.integers(1, 9))))
+        al = [(str(rng.choice(words)), (float(s), float(s) + 0.05), M) for s in starts]
+        out = np.asarray(stream(al, 60, epad_every_word=True))
+        ordered = sorted(al, key=lambda a: a[1][0])
+        assert (out == 0).sum() == len(al)
+        assert out[(out != 0) & (out != 3)].tolist() == [t for w, _, _ in ordered for t in VOCAB[w]]
+        # each EPAD comes right before its word's first token and never before the word's start frame - 1
+        for k, e in enumerate(np.flatnonzero(out == 0)):
+            assert e + 1 >= math.floor(ordered[k][1][0] * 12.5)
+            assert out[e + 1] == VOCAB[ordered[k][0]][0]
+
+
 def test_overlapping_words_starting_in_the_same_frame_keep_only_the_later_one():
     # hello (0.2 -> 2.5) and a (0.22 -> 2.75) both load at t=2; a replaces hello before any token is emitted.
     al = [("hello", (0.2, 0.9), M), ("a", (0.22, 0.3), M)]

@@ -271,3 +271,28 @@ def test_cli_data_tokenize_writes_the_dataset_and_reports_bad_data(tmp_path, tin
     with pytest.raises(SystemExit) as e:
         main(["data", "tokenize", "--help"])
     assert e.value.code == 0
+
+
+def test_cli_data_tokenize_epad_every_word_writes_the_tts_text_layout_and_records_it(tmp_path, tiny_mimi, spm,
+                                                                                     monkeypatch):
+    from moshi_jax.cli import main
+
+    monkeypatch.setattr(tokenize, "load_mimi", lambda *a, **k: tiny_mimi)
+    root = tmp_path / "raw"
+    root.mkdir()
+    # back-to-back words: the default stream cuts "wonderful" short and gives "morning" no EPAD
+    words = [["wonderful", [0.0, 0.08], "SPEAKER_MAIN"], ["morning", [0.08, 0.3], "SPEAKER_MAIN"],
+             ["friends", [0.6, 0.8], "SPEAKER_MAIN"]]
+    (root / "m.jsonl").write_text(json.dumps(_write(root, "a.wav", 1.5, words=words)) + "\n")
+    tok = TextTokenizer.load(spm)
+    clean = interleaver.validate_alignments(words, 1.5)
+    for flag, tts in (([], False), (["--epad-every-word"], True)):
+        out = tmp_path / f"tok_{tts}"
+        assert main(["data", "tokenize", str(root / "m.jsonl"), "-o", str(out), "--tokenizer", str(spm),
+                     "--no-progress", *flag]) == 0
+        ds = TokenizedDataset.open(out)
+        assert ds.index["config"]["text"]["epad_every_word"] is tts
+        text = ds.read(0)[0][0]
+        np.testing.assert_array_equal(text, interleaver.text_stream(clean, text.shape[0], tok.encode,
+                                                                   epad_every_word=tts))
+        assert (int(np.sum(text == 0)) == 3) is tts  # one EPAD per word only in the TTS layout
