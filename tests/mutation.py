@@ -53,7 +53,8 @@ _BINOP_SWAP = {
 # are pinned together against the reference stack; matmul's CPU path choice lives in backend's tests.
 _STACK_PARITY = "tests/nn/test_transformer_parity.py"
 FOCUSED_TESTS: dict[str, list[str]] = {
-    "moshi_jax/nn/attention.py": [_STACK_PARITY, "-k", "one_shot or streaming"],
+    "moshi_jax/nn/attention.py": [_STACK_PARITY, "tests/nn/test_attention.py", "-k",
+                                  "one_shot or streaming or test_attention"],
     "moshi_jax/nn/mlp.py": [_STACK_PARITY, "-k", "one_shot or mlp"],
     "moshi_jax/nn/norms.py": [_STACK_PARITY, "-k", "norm"],
     "moshi_jax/nn/rope.py": [_STACK_PARITY, "-k", "one_shot or streaming"],

@@ -88,7 +88,7 @@ class Attention(nn.Module):
     context: int | None
     rope: str  # "rope" (interleaved) | "rope_concat" | "none"
     max_period: float
-    weights_per_step: int = 0  # number of distinct per-position weight sets (0: shared)
+    weights_per_step: int  # number of distinct per-position weight sets (0: shared)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
