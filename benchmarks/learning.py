@@ -216,8 +216,9 @@ def synthesize_forced_text(lm_cfg, lm_params, records: Sequence[np.ndarray], del
                            ) -> list[np.ndarray]:
     """TTS with the text stream forced to each record's own (training-layout) text: the audio the model samples
     when the words come exactly when the recording said them, without the engine's word state machine (which
-    lets the model's own EPAD predictions time the words). records: tokenized codes [1 + K, F] (text + audio);
-    returns the sampled audio codes [dep_q, F] of each record's audio frames."""
+    lets the model's own EPAD predictions time the words). As in training (and in the engine's "tts" mode) the
+    audio streams before the text lead are the zero token, not samples. records: tokenized codes [1 + K, F]
+    (text + audio); returns the sampled audio codes [dep_q, F] of each record's audio frames (temp 0: greedy)."""
     import jax
     import jax.numpy as jnp
 
@@ -227,19 +228,33 @@ def synthesize_forced_text(lm_cfg, lm_params, records: Sequence[np.ndarray], del
 
     if delay > 0:
         raise ValueError(f"forced-text TTS needs text ahead of (or aligned with) the audio, got text delay {delay}")
-    layout = pipeline._Layout(1, lm_cfg.dep_q, delay)
-    grids = [pipeline.to_model_grid(r[:1 + lm_cfg.dep_q], "audio", 1, layout) for r in records]
-    T = max(g.shape[1] for g in grids)
-    text = np.full((len(grids), T), lm_cfg.existing_text_padding_id, np.int32)  # PAD after a record's end
+    lead, dep_q = -delay, lm_cfg.dep_q
+    dk = np.asarray(lm_cfg.delays[1:1 + dep_q], np.int32)
+    layout = pipeline._Layout(1, dep_q, delay)
+    grids = [pipeline.to_model_grid(r[:1 + dep_q], "audio", 1, layout) for r in records]
+    B, T = len(grids), max(g.shape[1] for g in grids) + int(dk.max())
+    text = np.full((B, T), lm_cfg.existing_text_padding_id, np.int32)  # PAD after a record's end
     for i, g in enumerate(grids):
         text[i, :g.shape[1]] = np.where(g[0] >= 0, g[0], lm_cfg.existing_text_padding_id)
-    sampling = SamplingConfig(use_sampling=True, temp=temp, top_k=25, temp_text=temp, top_k_text=25)
-    B = len(grids)
-    _, out = G.run(lm_params, G.init_gen_state(lm_cfg, B), jnp.zeros((B, lm_cfg.n_q - lm_cfg.dep_q, T), jnp.int32),
-                   jax.random.key(seed), cfg=lm_cfg, sampling=sampling, forced_text=jnp.asarray(text),
-                   forced_audio=jnp.full((B, lm_cfg.dep_q, T), -2, jnp.int32))
-    audio = np.asarray(out.audio)  # time-aligned; the audio of record i is frames [-delay, -delay + F)
-    return [audio[i, :, -delay:-delay + r.shape[1]] for i, r in enumerate(records)]
+    sampling = SamplingConfig(use_sampling=temp > 0, temp=temp or 1.0, top_k=25, temp_text=temp or 1.0,
+                              top_k_text=25)
+    params = G.prepare_streaming_params(lm_params, lm_cfg)
+    state = G.init_gen_state(lm_cfg, B)
+    user = jnp.zeros((B, lm_cfg.n_q - dep_q), jnp.int32)
+    keys = jax.random.split(jax.random.key(seed), T)
+    rows, streams, CT = jnp.arange(B)[:, None], jnp.arange(1, 1 + dep_q)[None], lm_cfg.max_delay + 2
+    sampled = np.zeros((B, dep_q, T), np.int32)  # delayed domain: codebook k at call s is time s - d_k
+    for s in range(T):
+        state, out = G.step(params, state, user, keys[s], cfg=lm_cfg, sampling=sampling,
+                            forced_text=jnp.asarray(text[:, s]))
+        if s < lead + dk.max():  # the engine's rule: codebook k of a time before the lead is the zero token
+            col = (state.offsets % CT)[:, None]
+            cur = state.cache[rows, streams, col]
+            zero = jnp.where(s < jnp.asarray(dk)[None] + lead, lm_cfg.zero_token_id, cur)
+            state = state.replace(cache=state.cache.at[rows, streams, col].set(zero))
+        sampled[:, :, s] = np.asarray(out.sampled_audio)
+    return [np.stack([sampled[i, k, lead + dk[k]: lead + dk[k] + r.shape[1]] for k in range(dep_q)])
+            for i, r in enumerate(records)]
 
 
 # ------------------------------------------------------------------------------------------------ the benchmark

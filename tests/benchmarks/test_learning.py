@@ -84,3 +84,32 @@ def test_forced_text_tts_returns_each_record_s_audio_frames_and_refuses_text_aft
     assert all(((o >= 0) & (o < cfg.card)).all() for o in out)  # every frame of the record is sampled audio
     with pytest.raises(ValueError, match="text ahead"):
         L.synthesize_forced_text(cfg, params, records, delay=2, temp=0.7, seed=0)
+
+
+@pytest.mark.parametrize("delay", [-3, 0])
+def test_forced_text_tts_audio_is_what_the_training_forward_predicts_on_the_training_layout(delay):
+    """Greedy: every returned code is the argmax of the training forward's logits at its time, on the grid of
+    the record's text (then PAD) and the returned audio with the training layout (the zero token before the
+    text lead).
+    Feeding samples before the lead, or cutting the frames one call off, breaks this."""
+    from moshi_jax.data import pipeline
+    from moshi_jax.lm import model as M
+
+    cfg = LMConfig.tts_small()
+    params = M.init_params(cfg, jax.random.key(1))
+    rng = np.random.default_rng(1)
+    F = 9
+    records = [np.concatenate([rng.integers(0, 50, (1, F)), np.zeros((cfg.dep_q, F))]).astype(np.int32)
+               for _ in range(2)]
+    out = L.synthesize_forced_text(cfg, params, records, delay=delay, temp=0.0, seed=0)
+    layout = pipeline._Layout(1, cfg.dep_q, delay)
+    grid = np.stack([pipeline.to_model_grid(np.concatenate([r[:1], o]), "audio", 1, layout)
+                     for r, o in zip(records, out, strict=True)])
+    grid[:, 0, F:] = cfg.existing_text_padding_id  # after the record's text: PAD, as the engine feeds
+    ref = M.forward(params, grid, cfg)
+    lead = -delay
+    pred = np.asarray(ref.audio_logits)[:, :, lead:lead + F].argmax(-1)  # [B, dep_q, F]
+    # the grid ends with the record, so a delayed codebook's last frame has no training target
+    mask = np.asarray(ref.audio_mask)[:, :, lead:lead + F]
+    assert mask[:, 0].all() and mask.mean() > 0.9
+    np.testing.assert_array_equal(np.where(mask, pred, -1), np.where(mask, np.stack(out), -1))
