@@ -352,9 +352,13 @@ def bench_tts(args, mimi_cfg, mimi_params, tok, asr) -> dict:
         result["examples_audio"] = _examples(refs, hyps_audio)
         # The same ASR on the codec's codes of eSpeak's own rendering: the ceiling of the codes path.
         wavs = _wavs(items)
-        espeak_codes = [c for c, _ in _codec_roundtrip(engine.codec, mimi_params, wavs, lm_cfg.dep_q)]
-        result["wer_codes_espeak"] = wer(refs, transcribe_codes(asr_lm_cfg, asr_params["lm"], espeak_codes,
+        espeak = _codec_roundtrip(engine.codec, mimi_params, wavs, lm_cfg.dep_q)
+        result["wer_codes_espeak"] = wer(refs, transcribe_codes(asr_lm_cfg, asr_params["lm"], [c for c, _ in espeak],
                                                                 asr_delay, tok, args.batch))
+        # ... and the ASR engine on the codec's decoding of those codes: the ceiling of the audio path (what the
+        # codec's decode -> encode round trip costs on eSpeak's own speech)
+        result["wer_audio_espeak"] = wer(refs, transcribe(asr_engine_, asr_params, [w for _, w in espeak],
+                                                          args.batch))
         # The model with the recording's own word timing (no word state machine): how much is timing?
         from moshi_jax.data.records import TokenizedDataset
 
@@ -367,6 +371,17 @@ def bench_tts(args, mimi_cfg, mimi_params, tok, asr) -> dict:
         hyps_forced = transcribe_codes(asr_lm_cfg, asr_params["lm"], forced, asr_delay, tok, args.batch)
         result["wer_codes_forced_text"] = wer(refs, hyps_forced)
         result["examples_forced_text"] = _examples(refs, hyps_forced)
+        if args.tts_curve_steps:
+            n = min(len(items), args.curve_utterances)
+            curve = []
+            for s in [s for s in run_steps(args.tts_run) if s in args.tts_curve_steps]:
+                _, _, p, _ = load_model(args.tts_run, s)
+                codes = [c for _, c in synthesize(engine, {"mimi": mimi_params, "lm": p}, refs[:n], args.batch)]
+                point = {"step": s, "wer_codes": wer(refs[:n], transcribe_codes(asr_lm_cfg, asr_params["lm"], codes,
+                                                                                asr_delay, tok, args.batch))}
+                log.info("TTS curve: %s", point)
+                curve.append(point)
+            result["curve"] = {"utterances": n, "points": curve}
     # DTW log-mel distances
     wavs = _wavs(items)
     roundtrip = [w for _, w in _codec_roundtrip(engine.codec, mimi_params, wavs, lm_cfg.dep_q)]
@@ -447,10 +462,20 @@ def _plot(result: dict, out_png: Path) -> None:
     from moshi_jax.training.curves import read_metrics
 
     panels = [k for k in ("asr", "tts") if k in result]
-    curve = result.get("asr", {}).get("curve")
-    fig, axes = plt.subplots(1, len(panels) + (1 if curve else 0), figsize=(5 * (len(panels) + 1), 3.8),
-                             squeeze=False)
+    curve, tts_curve = result.get("asr", {}).get("curve"), result.get("tts", {}).get("curve")
+    n = len(panels) + bool(curve) + bool(tts_curve)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.8), squeeze=False)
     axes = list(axes[0])
+    if tts_curve:
+        ax = axes.pop(0)
+        pts = tts_curve["points"]
+        ax.plot([p["step"] for p in pts], [100 * p["wer_codes"] for p in pts], "o-", label="TTS codes read by the ASR")
+        ax.axhline(40, color="gray", ls="--", lw=0.8, label="target 40%")
+        ax.set_xlabel("step")
+        ax.set_ylabel("WER % (held-out sentences)")
+        ax.set_title("streaming TTS through the engine")
+        ax.grid(alpha=0.3)
+        ax.legend()
     if curve:
         ax = axes.pop(0)
         pts = curve["points"]
@@ -504,9 +529,15 @@ def _markdown(result: dict) -> str:
                           ("wer_codes_espeak", "(ceiling) the same ASR on the codec's codes of eSpeak's rendering"),
                           ("wer_codes_forced_text", "the TTS model with the text forced to the recording's own word "
                                                     "timing (no word state machine), codes read by the ASR model"),
-                          ("wer_audio", "WER of the decoded audio through the ASR engine (codec round trip)")):
+                          ("wer_audio", "WER of the decoded audio through the ASR engine (codec round trip)"),
+                          ("wer_audio_espeak", "(ceiling) the same on the codec's decoding of eSpeak's codes")):
             if key in t:
                 lines.append(f"- {what}: {100 * t[key]:.1f}%")
+        if t.get("curve"):
+            lines += ["", f"TTS WER (codes read by the ASR) against training steps ({t['curve']['utterances']} "
+                      "sentences):", "", "| step | WER |", "|---|---|"]
+            lines += [f"| {p['step']} | {100 * p['wer_codes']:.1f}% |" for p in t["curve"]["points"]]
+            lines.append("")
         d = t["dtw"]
         lines += [f"- DTW log-mel distance ({d['utterances']} utterances): TTS vs codec(eSpeak) same sentence "
                   f"{d['tts_vs_codec_espeak_same_sentence']:.2f}, TTS vs codec(eSpeak) other sentence "
@@ -542,6 +573,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--curve-steps", type=lambda v: [int(x) for x in v.split(",")], default=None,
                    help="comma list of checkpoint steps for the curve (default: every saved one)")
     p.add_argument("--curve-utterances", type=int, default=64, help="utterances per split for the curve")
+    p.add_argument("--tts-curve-steps", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="comma list of TTS checkpoint steps: TTS WER (codes read by the ASR) at each, on "
+                        "--curve-utterances held-out sentences")
     p.add_argument("--tts-utterances", type=int, default=64, help="held-out sentences for TTS (default 64)")
     p.add_argument("--dtw-utterances", type=int, default=32, help="TTS utterances scored by DTW (default 32)")
     p.add_argument("--tts-temp", type=float, default=0.7, help="TTS sampling temperature (text and audio)")

@@ -113,3 +113,28 @@ def test_forced_text_tts_audio_is_what_the_training_forward_predicts_on_the_trai
     mask = np.asarray(ref.audio_mask)[:, :, lead:lead + F]
     assert mask[:, 0].all() and mask.mean() > 0.9
     np.testing.assert_array_equal(np.where(mask, pred, -1), np.where(mask, np.stack(out), -1))
+
+
+def test_report_shows_the_tts_wer_curve_as_a_table_and_a_figure_panel(tmp_path):
+    import json
+
+    run = tmp_path / "tts_run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"prefix": "train", "step": 1, "text_loss": 2.0, "audio_loss": 5.0},
+        {"prefix": "eval", "step": 2, "text_loss": 1.5, "audio_loss": 4.0})) + "\n")
+    dtw = {"utterances": 2, "tts_vs_codec_espeak_same_sentence": 7.0, "tts_vs_codec_espeak_other_sentence": 8.5,
+           "codec_espeak_other_sentence": 7.7, "tts_vs_raw_espeak_same_sentence": 30.0}
+    result = {"tts": {"run": str(run), "step": 2, "text_delay_frames": -4, "utterances": 2, "temperature": 0.7,
+                      "wer_codes": 0.25, "wer_audio_espeak": 0.6, "dtw": dtw,
+                      "curve": {"utterances": 2, "points": [{"step": 1, "wer_codes": 0.9},
+                                                            {"step": 2, "wer_codes": 0.25}]}}}
+    md = L._markdown(result)
+    assert "| 1 | 90.0% |" in md and "| 2 | 25.0% |" in md and "text 4 frames ahead" in md
+    assert "(ceiling) the same on the codec's decoding of eSpeak's codes: 60.0%" in md
+    png = tmp_path / "curves.png"
+    L._plot(result, png)
+    import matplotlib.image
+
+    h, w = matplotlib.image.imread(png).shape[:2]
+    assert w > 1.8 * h  # two panels side by side: the WER curve and the losses

@@ -149,3 +149,16 @@ def test_a_schedule_whose_length_is_not_the_number_of_steps_is_refused():
     with pytest.raises(ValueError, match="weights_per_step_schedule must have weights_per_step entries"):
         TransformerConfig(d_model=16, num_heads=2, num_layers=1, dim_feedforward=32, gating="silu",
                           weights_per_step=4, weights_per_step_schedule=(0, 1, 1))
+
+
+def test_a_stack_initialised_through_its_streaming_call_gets_distinct_layers_that_stream_like_one_shot():
+    cfg = TransformerConfig(d_model=16, num_heads=2, num_layers=3, dim_feedforward=32, context=8,
+                            norm="rms_norm_f32", gating="silu")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 16))
+    model = Transformer(cfg)
+    params = model.init(jax.random.PRNGKey(1), x, init_state(cfg, 2))
+    w = np.asarray(nn.unbox(params["params"]["layers"]["self_attn"]["in_proj"]))
+    assert w.shape[0] == 3 and all(not np.allclose(w[i], w[j]) for i in range(3) for j in range(i + 1, 3))
+    one_shot, _ = model.apply(params, x)
+    streamed, _ = model.apply(params, x, init_state(cfg, 2))
+    np.testing.assert_allclose(streamed, one_shot, rtol=1e-5, atol=1e-5)
