@@ -162,3 +162,12 @@ def test_a_stack_initialised_through_its_streaming_call_gets_distinct_layers_tha
     one_shot, _ = model.apply(params, x)
     streamed, _ = model.apply(params, x, init_state(cfg, 2))
     np.testing.assert_allclose(streamed, one_shot, rtol=1e-5, atol=1e-5)
+
+
+def test_config_is_immutable_hashable_and_refuses_heads_that_do_not_divide_the_width():
+    cfg = TransformerConfig(d_model=16, num_heads=2, num_layers=1, dim_feedforward=32, context=8)
+    assert hash(cfg) == hash(dataclasses.replace(cfg))  # a static jit argument: hashed by value
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.num_layers = 2
+    with pytest.raises(ValueError, match="d_model 16 not divisible by num_heads 3"):
+        TransformerConfig(d_model=16, num_heads=3, num_layers=1, dim_feedforward=32, context=8)
