@@ -466,25 +466,21 @@ def _plot(result: dict, out_png: Path) -> None:
     n = len(panels) + bool(curve) + bool(tts_curve)
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.8), squeeze=False)
     axes = list(axes[0])
-    if tts_curve:
+    # WER-against-steps panels: (curve, [(key, style, label)], target %, title)
+    wer_panels = [(tts_curve, [("wer_codes", "o-", "TTS codes read by the ASR")], 40,
+                   "streaming TTS through the engine"),
+                  (curve, [("wer_seen_voices", "o-", "seen voices"), ("wer_unseen_voices", "s-", "unseen voices")],
+                   20, "streaming ASR through the engine")]
+    for c, series, target, title in wer_panels:
+        if not c:
+            continue
         ax = axes.pop(0)
-        pts = tts_curve["points"]
-        ax.plot([p["step"] for p in pts], [100 * p["wer_codes"] for p in pts], "o-", label="TTS codes read by the ASR")
-        ax.axhline(40, color="gray", ls="--", lw=0.8, label="target 40%")
+        for key, style, label in series:
+            ax.plot([p["step"] for p in c["points"]], [100 * p[key] for p in c["points"]], style, label=label)
+        ax.axhline(target, color="gray", ls="--", lw=0.8, label=f"target {target}%")
         ax.set_xlabel("step")
         ax.set_ylabel("WER % (held-out sentences)")
-        ax.set_title("streaming TTS through the engine")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if curve:
-        ax = axes.pop(0)
-        pts = curve["points"]
-        ax.plot([p["step"] for p in pts], [100 * p["wer_seen_voices"] for p in pts], "o-", label="seen voices")
-        ax.plot([p["step"] for p in pts], [100 * p["wer_unseen_voices"] for p in pts], "s-", label="unseen voices")
-        ax.axhline(20, color="gray", ls="--", lw=0.8, label="target 20%")
-        ax.set_xlabel("step")
-        ax.set_ylabel("WER % (held-out sentences)")
-        ax.set_title("streaming ASR through the engine")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
     for ax, k in zip(axes, panels, strict=True):

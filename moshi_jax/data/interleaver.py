@@ -207,19 +207,16 @@ def text_stream(
         while i < len(tokenized) and tokenized[i][1][0] * frame_rate < t + 1:
             toks, (_, end), _ = tokenized[i]
             last_word_end = int(end * frame_rate)  # truncation toward zero, as the reference's int()
-            if epad_every_word:
-                if not queue and t > 0 and out[t - 1] in (pad_id, in_word):
-                    out[t - 1] = epad_id
-                    queue.extend(toks)
-                else:
-                    queue.extend([epad_id, *toks])
+            if epad_every_word:  # the EPAD rule below covers a word starting after a PAD frame
+                after_pad = not queue and t > 0 and out[t - 1] in (pad_id, in_word)
+                queue.extend(toks if after_pad else [epad_id, *toks])
             elif keep_and_shift:
                 queue.extend(toks)
             else:
                 queue = deque(toks)
             i += 1
         if queue:
-            if not epad_every_word and t > 0 and out[t - 1] in (pad_id, in_word):
+            if t > 0 and out[t - 1] in (pad_id, in_word):
                 out[t - 1] = epad_id
             out[t] = queue.popleft()
         elif t <= last_word_end:
