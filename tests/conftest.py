@@ -6,6 +6,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import gc  # noqa: E402
+
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -38,3 +41,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """After each test file, drop JAX's compiled executables. Each XLA:CPU executable keeps its JIT-compiled
+    code mapped, so one process running the whole suite piled up more memory mappings than Linux allows
+    (vm.max_map_count, 65530 by default), and the next compile's mmap failed inside LLVM: a segfault in
+    tests/training/ (CI, 2026-11-27). Files rarely share a compiled function, so little is recompiled."""
+    yield
+    jax.clear_caches()
+    gc.collect()
