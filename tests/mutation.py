@@ -340,16 +340,18 @@ def _copy_tree(dst: Path) -> None:
 
 def run_module(module: Path, extra: list[str], deadline: float, per_mutant_factor: float, list_only: bool,
                log, fork: bool = True, own_only: bool = False, lines: set[int] | None = None,
-               shuffle: int | None = None) -> dict:
+               shuffle: int | None = None, skip: int = 0) -> dict:
     mutants = [m for m in mutants_of(module) if not lines or m.line in lines]
     if shuffle is not None:  # a run cut short by the time budget is then a random sample of the mutants
         import random
 
         random.Random(shuffle).shuffle(mutants)
+    skipped, mutants = mutants[:skip], mutants[skip:]  # already run by an earlier, cut-short run
     tiers = tests_for(module, extra)
     if own_only:
         tiers = tiers[:1] + ([extra] if extra else [])
-    log(f"\n== {module.relative_to(ROOT)}: {len(mutants)} mutants; tests: "
+    log(f"\n== {module.relative_to(ROOT)}: {len(mutants)} mutants"
+        + (f" (the first {len(skipped)} skipped)" if skipped else "") + "; tests: "
         + " | ".join(" ".join(t) for t in tiers))
     if list_only:
         for m in mutants:
@@ -400,7 +402,7 @@ def run_module(module: Path, extra: list[str], deadline: float, per_mutant_facto
     log(f"   {module.relative_to(ROOT)}: {run} mutants run, {killed} killed, {len(survived)} survived, "
         f"score {score:.1f}%" + (f", {not_run} not run" if not_run else ""))
     return {"module": str(module.relative_to(ROOT)), "mutants": len(mutants), "killed": killed,
-            "survived": survived, "not_run": not_run, "score": score}
+            "survived": survived, "not_run": not_run, "skipped": len(skipped), "score": score}
 
 
 _STOP: list[int] = []  # set by SIGTERM: finish the running mutant, then report as if the budget were spent
@@ -423,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lines", help="only the mutants on these lines, e.g. 28,50 (to re-check survivors)")
     p.add_argument("--shuffle", type=int, metavar="SEED",
                    help="run the mutants in a random order, so that a run cut by --budget-min is a random sample")
+    p.add_argument("--skip", type=int, default=0, metavar="N",
+                   help="skip the first N mutants (of the --shuffle order): continue a run cut by its budget")
     p.add_argument("--spawn", action="store_true", help="start every run as a new python (no fork)")
     p.add_argument("--report", help="write the results as JSON to this file")
     args = p.parse_args(argv)
@@ -447,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: _STOP.append(1))
     lines = {int(x) for x in args.lines.split(",")} if args.lines else None
     results = [run_module(m, args.tests, deadline, args.timeout_factor, args.list, log, not args.spawn,
-                          args.own_only, lines, args.shuffle) for m in modules]
+                          args.own_only, lines, args.shuffle, args.skip) for m in modules]
     if not args.list:
         log("\n== summary")
         for r in results:

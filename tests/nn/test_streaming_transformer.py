@@ -151,12 +151,13 @@ def test_a_schedule_whose_length_is_not_the_number_of_steps_is_refused():
                           weights_per_step=4, weights_per_step_schedule=(0, 1, 1))
 
 
-def test_a_stack_initialised_through_its_streaming_call_gets_distinct_layers_that_stream_like_one_shot():
+@pytest.mark.parametrize("through", ["one_shot", "streaming"])
+def test_a_stack_initialised_through_either_call_gets_distinct_layers_that_stream_like_one_shot(through):
     cfg = TransformerConfig(d_model=16, num_heads=2, num_layers=3, dim_feedforward=32, context=8,
                             norm="rms_norm_f32", gating="silu")
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 16))
     model = Transformer(cfg)
-    params = model.init(jax.random.PRNGKey(1), x, init_state(cfg, 2))
+    params = model.init(jax.random.PRNGKey(1), x, *([init_state(cfg, 2)] if through == "streaming" else []))
     w = np.asarray(nn.unbox(params["params"]["layers"]["self_attn"]["in_proj"]))
     assert w.shape[0] == 3 and all(not np.allclose(w[i], w[j]) for i in range(3) for j in range(i + 1, 3))
     one_shot, _ = model.apply(params, x)
@@ -171,3 +172,37 @@ def test_config_is_immutable_hashable_and_refuses_heads_that_do_not_divide_the_w
         cfg.num_layers = 2
     with pytest.raises(ValueError, match="d_model 16 not divisible by num_heads 3"):
         TransformerConfig(d_model=16, num_heads=3, num_layers=1, dim_feedforward=32, context=8)
+
+
+def test_streaming_state_takes_the_cache_dtype_asked_for_else_the_compute_dtype():
+    cfg = TransformerConfig(d_model=16, num_heads=2, num_layers=2, dim_feedforward=32, context=8, dtype="bfloat16")
+    for state, want in [(init_state(cfg, 1), jnp.bfloat16), (init_state(cfg, 1, jnp.float32), jnp.float32),
+                        (init_state(cfg, 1, jnp.float32, per_layer=True), jnp.float32)]:
+        leaves = [a for a in jax.tree.leaves(state) if jnp.issubdtype(a.dtype, jnp.floating)]
+        assert leaves and all(a.dtype == want for a in leaves)
+
+
+def test_the_one_shot_stack_is_a_rolled_loop_by_default_and_unrolled_on_request():
+    # A rolled loop keeps compile time independent of depth (the default); scan_layers=False unrolls it.
+    cfg = TransformerConfig(d_model=16, num_heads=2, num_layers=3, dim_feedforward=32, context=8)
+    model, params, x = _setup(cfg, T=4)
+
+    def whiles(c):
+        return jax.jit(Transformer(c).apply).lower(params, x).as_text().count("stablehlo.while")
+
+    assert whiles(cfg) == 1 and whiles(dataclasses.replace(cfg, scan_layers=False)) == 0
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_under_logical_axis_rules_the_one_shot_residual_is_constrained_and_the_streaming_one_is_not(streaming):
+    # The sharded train step pins the residual stream to RESIDUAL_AXES at each layer's input and after attention
+    # (else GSPMD follows the fsdp-sharded weights); the streaming path leaves its small residual alone.
+    cfg = TransformerConfig(d_model=16, num_heads=2, num_layers=2, dim_feedforward=32, context=8)
+    model, params, x = _setup(cfg, T=4)
+    args = (params, x, init_state(cfg, 2)) if streaming else (params, x)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    rules = (("batch", "data"), ("time", None), ("act_embed", None))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        text = jax.jit(model.apply).lower(*args).as_text()
+    constrained = [line for line in text.splitlines() if "sharding_constraint" in line and "tensor<2x4x16xf32>" in line]
+    assert len(constrained) == (0 if streaming else 2), constrained
