@@ -38,6 +38,13 @@ def test_an_int8_ring_stores_int8_entries_with_their_scales_and_dequantizes_to_t
     assert kvc.init_kv_cache(B, C, H, D).key_scales is None  # the float ring is unchanged
 
 
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.int16])
+def test_an_integer_ring_other_than_int8_is_refused(dtype):
+    # Only int8 has the quantized write / read path; another integer dtype would truncate every key silently.
+    with pytest.raises(ValueError, match="floating point or int8"):
+        kvc.init_kv_cache(B, C, H, D, dtype)
+
+
 @pytest.mark.parametrize("steps,context", [(1, None), (7, None), (16, 5)])
 def test_attention_over_an_int8_ring_stays_within_two_percent_of_the_float_ring(steps, context):
     f32, i8 = _fill(jnp.float32, steps), _fill(jnp.int8, steps)
