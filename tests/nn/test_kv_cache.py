@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moshi_jax.nn import backend
 from moshi_jax.nn import kv_cache as kvc
 from moshi_jax.nn.attention import dot_attention
 
@@ -164,3 +165,26 @@ def test_large_attention_scores_do_not_overflow_in_either_layout():
     assert np.isfinite(want).all()
     np.testing.assert_allclose(per_layer, want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(chunked, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["cpu", "portable"])  # the two ring-write kernels (update slices, scatter)
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_bf16_ring_stores_float32_entries_rounded_to_bf16_with_either_write_kernel(which, stacked):
+    r = np.random.default_rng(4)
+    k = jnp.asarray(r.standard_normal((B, 2, H, D)), jnp.float32)
+    v = jnp.asarray(r.standard_normal((B, 2, H, D)), jnp.float32)
+    pos = jnp.asarray([[0, 1], [12, 13], [5, 6]], jnp.int32)
+    cache = kvc.init_kv_cache(B, C, H, D, jnp.bfloat16)
+    layer = None
+    if stacked:
+        cache, layer = jax.tree.map(lambda a: jnp.stack([a, a]), cache), jnp.int32(1)
+    with backend.override(which):
+        out = jax.jit(kvc.write)(cache, k, v, pos, layer)
+    keys, values = (out.keys[1], out.values[1]) if stacked else (out.keys, out.values)
+    assert keys.dtype == values.dtype == jnp.bfloat16
+    want_k, want_v = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+    for b in range(B):
+        for t in range(2):
+            slot = int(pos[b, t]) % C
+            np.testing.assert_array_equal(np.asarray(keys[b, :, :, slot]), np.asarray(want_k[b, t]))
+            np.testing.assert_array_equal(np.asarray(values[b, :, slot]), np.asarray(want_v[b, t]))
