@@ -169,22 +169,29 @@ def test_large_attention_scores_do_not_overflow_in_either_layout():
 
 @pytest.mark.parametrize("which", ["cpu", "portable"])  # the two ring-write kernels (update slices, scatter)
 @pytest.mark.parametrize("stacked", [False, True])
-def test_a_bf16_ring_stores_float32_entries_rounded_to_bf16_with_either_write_kernel(which, stacked):
+def test_a_bf16_ring_stores_float32_entries_rounded_to_bf16_where_they_belong_with_either_write_kernel(which,
+                                                                                                       stacked):
     r = np.random.default_rng(4)
     k = jnp.asarray(r.standard_normal((B, 2, H, D)), jnp.float32)
     v = jnp.asarray(r.standard_normal((B, 2, H, D)), jnp.float32)
-    pos = jnp.asarray([[0, 1], [12, 13], [5, 6]], jnp.int32)
+    pos = np.asarray([[0, 1], [13, 14], [5, 6]])  # item 1 wraps; no two items share a slot
     cache = kvc.init_kv_cache(B, C, H, D, jnp.bfloat16)
     layer = None
     if stacked:
         cache, layer = jax.tree.map(lambda a: jnp.stack([a, a]), cache), jnp.int32(1)
     with backend.override(which):
-        out = jax.jit(kvc.write)(cache, k, v, pos, layer)
-    keys, values = (out.keys[1], out.values[1]) if stacked else (out.keys, out.values)
+        out = jax.jit(kvc.write)(cache, k, v, jnp.asarray(pos, jnp.int32), layer)
+    keys, values, positions = (out.keys[1], out.values[1], out.positions[1]) if stacked else (
+        out.keys, out.values, out.positions)
     assert keys.dtype == values.dtype == jnp.bfloat16
-    want_k, want_v = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+    want_k, want_v = np.zeros((B, H, D, C), np.float32), np.zeros((B, H, C, D), np.float32)
+    want_pos = np.full((B, C), -1)
     for b in range(B):
         for t in range(2):
-            slot = int(pos[b, t]) % C
-            np.testing.assert_array_equal(np.asarray(keys[b, :, :, slot]), np.asarray(want_k[b, t]))
-            np.testing.assert_array_equal(np.asarray(values[b, :, slot]), np.asarray(want_v[b, t]))
+            slot = pos[b, t] % C
+            want_k[b, :, :, slot] = np.asarray(k[b, t].astype(jnp.bfloat16), np.float32)
+            want_v[b, :, slot] = np.asarray(v[b, t].astype(jnp.bfloat16), np.float32)
+            want_pos[b, slot] = pos[b, t]
+    np.testing.assert_array_equal(np.asarray(keys, np.float32), want_k)
+    np.testing.assert_array_equal(np.asarray(values, np.float32), want_v)
+    np.testing.assert_array_equal(np.asarray(positions), want_pos)
