@@ -58,6 +58,17 @@ def test_attention_over_an_int8_ring_stays_within_two_percent_of_the_float_ring(
     assert err > 0  # it is quantized (the comparison is not between two float rings)
 
 
+@pytest.mark.parametrize("steps", [2, 5, 9])  # a prefix of 2, 4 or 8 slots of the 12 is read
+def test_int8_attention_reading_a_prefix_of_the_layer_ring_equals_reading_it_whole(steps):
+    i8 = _fill(jnp.int8, steps)
+    q = jnp.asarray(np.random.default_rng(5).standard_normal((B, 1, H, D)), jnp.float32)
+    q_pos = jnp.full((B, 1), steps - 1, jnp.int32)
+    with backend.override("cpu"):  # the backend choice that reads prefixes
+        got = kvc.attend(q, i8, q_pos, True, None, min_prefix=2)
+        whole = kvc.attend(q, i8, q_pos, True, None, min_prefix=C)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(whole), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("max_chunk", [4, 12])
 def test_int8_chunked_stacked_attention_equals_the_int8_per_layer_attention(max_chunk):
     i8 = _fill(jnp.int8, 9)
