@@ -195,3 +195,21 @@ def test_a_bf16_ring_stores_float32_entries_rounded_to_bf16_where_they_belong_wi
     np.testing.assert_array_equal(np.asarray(keys, np.float32), want_k)
     np.testing.assert_array_equal(np.asarray(values, np.float32), want_v)
     np.testing.assert_array_equal(np.asarray(positions), want_pos)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_float32_ring_is_read_in_the_query_dtype(stacked):
+    # The two attention dots run in the compute (query) dtype whatever the ring holds: a bf16 query over a
+    # float32 ring gives what it gives over the same ring rounded to bf16.
+    ring = _filled_ring([5, 9, 12])
+    q = jnp.asarray(np.random.default_rng(6).standard_normal((B, 1, H, D)), jnp.bfloat16)
+    q_pos = jnp.asarray([[4], [8], [11]], jnp.int32)
+    rounded = ring.replace(keys=ring.keys.astype(jnp.bfloat16), values=ring.values.astype(jnp.bfloat16))
+    kw = {}
+    if stacked:
+        ring, rounded = (jax.tree.map(lambda a: jnp.stack([a, a]), c) for c in (ring, rounded))
+        kw = dict(layer=jnp.int32(1), max_chunk=4)
+    got = kvc.attend(q, ring, q_pos, True, None, **kw)
+    want = kvc.attend(q, rounded, q_pos, True, None, **kw)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
