@@ -244,6 +244,23 @@ def test_load_pretrained_reads_config_json_and_model_file_of_a_repo_dir(tmp_path
     assert cfg16.dtype == "bfloat16" and p16["text_emb"].dtype == jnp.bfloat16
 
 
+def test_a_repository_directory_that_does_not_exist_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model repository directory not found: .*nowhere"):
+        ck.read_repo(tmp_path / "nowhere")
+
+
+@pytest.mark.parity
+def test_per_step_projections_with_a_step_missing_are_reported_not_stacked():
+    # in_projs.1 ... without .0: no complete run of steps to stack, so the stacked name is missing and the parts
+    # are unexpected (a part whose neighbours are missing is never stacked into another step's place).
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    sd = _numpy_sd(TEST_LM_KWARGS)
+    del sd["depformer.layers.0.self_attn.in_projs.0.weight"]
+    with pytest.raises(ValueError, match=r"missing keys \(1\): depformer\.layers\.0\.self_attn\.in_proj_weight") as e:
+        ck.load_reference(sd, cfg)
+    assert "unexpected keys" in str(e.value) and "depformer.layers.0.self_attn.in_projs.1.weight" in str(e.value)
+
+
 # ------------------------------------------------------------------------------------------------- 7B, abstractly
 
 
