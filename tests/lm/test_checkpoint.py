@@ -3,7 +3,9 @@ export that the reference loads strictly, repository directories, and the 7B lay
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -339,6 +341,37 @@ def test_layout_check_refuses_a_param_tree_the_key_table_does_not_cover():
     other = ck.abstract_params(LMConfig.from_reference_kwargs({**TEST_LM_KWARGS, "num_layers": 3}))
     with pytest.raises(ValueError, match="reference layout does not match the JAX params"):
         ck.check_layout(cfg, other)
+
+
+def test_layout_check_refuses_a_key_whose_export_conversion_does_not_give_back_the_reference_shape(monkeypatch):
+    """Both directions of every conversion are checked: an entry that imports to the right slice but exports to
+    another shape (here: flattened) is reported."""
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    table = ck.reference_layout(cfg)
+    i = next(i for i, e in enumerate(table) if len(e.ref_shape) == 2)
+    bad = list(table)
+    bad[i] = dataclasses.replace(table[i], to_ref=lambda a: a.reshape(-1))
+    monkeypatch.setattr(ck, "reference_layout", lambda _cfg: bad)
+    with pytest.raises(ValueError, match=re.escape(table[i].key)):
+        ck.check_layout(cfg)
+
+
+@pytest.mark.parity
+def test_a_misshaped_key_of_a_torch_state_dict_names_both_shapes_as_tuples():
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    sd = build_reference(TEST_LM_KWARGS, seed=0).state_dict()
+    sd["text_emb.weight"] = sd["text_emb.weight"][:-1]
+    with pytest.raises(ValueError, match=r"text_emb\.weight: checkpoint \(48, 16\), expected \(49, 16\)"):
+        ck.load_reference(sd, cfg)
+
+
+@pytest.mark.parity
+def test_exporting_params_that_lack_a_tensor_names_it():
+    cfg = LMConfig.from_reference_kwargs(TEST_LM_KWARGS)
+    params = ck.load_reference(_numpy_sd(TEST_LM_KWARGS), cfg)
+    del params["text_emb"]
+    with pytest.raises(ValueError, match=r"params have no text_emb \(needed for text_emb\.weight\)"):
+        ck.to_reference_state_dict(params, cfg)
 
 
 def test_a_hibiki_repository_embeds_eos_like_pad_and_a_moshi_one_keeps_its_eos(tmp_path):
