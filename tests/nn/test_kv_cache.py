@@ -213,3 +213,17 @@ def test_a_float32_ring_is_read_in_the_query_dtype(stacked):
     want = kvc.attend(q, rounded, q_pos, True, None, **kw)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_bf16_attention_over_one_chunk_of_a_stacked_ring_equals_the_layer_path_bit_for_bit():
+    # One chunk is the plain softmax: both layouts round the probabilities and values to the compute dtype
+    # for the p.v dot, in the same order, so they agree exactly (several chunks differ only by the online
+    # softmax's rescaling).
+    ring = _filled_ring([5, 9, 12])
+    ring = ring.replace(keys=ring.keys.astype(jnp.bfloat16), values=ring.values.astype(jnp.bfloat16))
+    q = jnp.asarray(np.random.default_rng(7).standard_normal((B, 1, H, D)), jnp.bfloat16)
+    q_pos = jnp.asarray([[4], [8], [11]], jnp.int32)
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), ring)
+    layer = kvc.attend(q, ring, q_pos, True, None, min_prefix=C)
+    chunked = kvc.attend(q, stacked, q_pos, True, None, layer=jnp.int32(1), max_chunk=C)
+    np.testing.assert_array_equal(np.asarray(chunked, np.float32), np.asarray(layer, np.float32))
