@@ -265,6 +265,32 @@ def test_sizes_are_integers_and_delays_a_tuple_whatever_the_input_types():
     assert listed.delays == cfg.delays and hash(listed) == hash(cfg)  # a jit static argument
 
 
+def test_the_depformer_width_from_a_fractional_hidden_scale_is_an_integer():
+    kwargs = {k: v for k, v in MOSHI_7B_KWARGS.items() if k != "depformer_dim_feedforward"}
+    cfg = LMConfig.from_reference_kwargs({**kwargs, "hidden_scale": 4.125})  # the reference's int(4.125 * 1024)
+    assert type(cfg.depth.dim_feedforward) is int and cfg.depth.dim_feedforward == 4224
+
+
+def test_an_lm_predicting_one_codebook_has_a_depformer():
+    cfg = LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "dep_q": 1})
+    assert cfg.depth is not None and cfg.depth.weights_per_step == 1
+    assert LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "dep_q": 0}).depth is None
+
+
+def test_a_width_exports_when_the_reference_recomputes_it_exactly_else_it_is_refused():
+    # The reference builds int(hidden_scale * dim): 58 / 56 * 56 is 58.000000000000004 in floating point, which it
+    # truncates back to 58, so 58 exports; 61 / 56 * 56 truncates to 60, so 61 cannot.
+    cfg = LMConfig.tiny()
+    for ff, ok in ((58, True), (61, False)):
+        odd = dataclasses.replace(cfg, temporal=dataclasses.replace(cfg.temporal, d_model=56, num_heads=8,
+                                                                   dim_feedforward=ff))
+        if ok:
+            assert LMConfig.from_reference_kwargs(odd.to_reference_kwargs()) == odd
+        else:
+            with pytest.raises(ValueError, match="not expressible as hidden_scale"):
+                odd.to_reference_kwargs()
+
+
 def test_a_depformer_without_per_step_weights_keeps_a_ring_of_dep_q_steps():
     cfg = LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "depformer_weights_per_step": False})
     assert (cfg.depth.weights_per_step, cfg.depth.context, cfg.depth.cache_capacity) == (0, 8, 8)
