@@ -291,6 +291,13 @@ def test_a_width_exports_when_the_reference_recomputes_it_exactly_else_it_is_ref
                 odd.to_reference_kwargs()
 
 
+def test_low_rank_depformer_embeddings_and_a_text_head_size_round_trip_through_reference_kwargs():
+    cfg = LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "depformer_low_rank_embeddings": 128,
+                                          "text_card_out": 4000})
+    assert (cfg.depformer_low_rank_embeddings, cfg.text_card_out) == (128, 4000)
+    assert LMConfig.from_reference_kwargs(cfg.to_reference_kwargs()) == cfg
+
+
 def test_a_depformer_without_per_step_weights_keeps_a_ring_of_dep_q_steps():
     cfg = LMConfig.from_reference_kwargs({**MOSHI_7B_KWARGS, "depformer_weights_per_step": False})
     assert (cfg.depth.weights_per_step, cfg.depth.context, cfg.depth.cache_capacity) == (0, 8, 8)
