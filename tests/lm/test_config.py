@@ -30,6 +30,17 @@ def test_7b_preset_matches_released_hyperparameters():
     assert cfg.depformer_multi_linear and cfg.num_depformer_in == 8
 
 
+def test_2b_preset_matches_the_released_2b_config():
+    # moshi_dev_2b.json / moshi_mlx_2b.json (../shared/spec/moshi_reference.md, section 2.1)
+    cfg = LMConfig.moshi_2b()
+    t, d = cfg.temporal, cfg.depth
+    assert (t.d_model, t.num_layers, t.num_heads, t.dim_feedforward, t.context) == (2560, 24, 20, 10560, 3000)
+    assert (t.max_period, t.positional_embedding, t.norm, t.gating) == (100000, "rope", "rms_norm_f32", "silu")
+    assert (cfg.text_card, cfg.n_q, cfg.dep_q, cfg.card, cfg.existing_text_padding_id) == (48000, 32, 16, 2048, 3)
+    assert cfg.delays == (0, 0) + (2,) * 15 + (0,) + (2,) * 15
+    assert (d.d_model, d.num_layers, d.num_heads, d.dim_feedforward, d.weights_per_step) == (1024, 6, 16, 4224, 16)
+
+
 def test_tiny_and_bench_presets_follow_the_contract():
     tiny = LMConfig.tiny()
     assert (tiny.dim, tiny.temporal.num_layers, tiny.temporal.num_heads, tiny.temporal.context) == (64, 2, 4, 256)
@@ -37,7 +48,7 @@ def test_tiny_and_bench_presets_follow_the_contract():
     assert (tiny.depth.d_model, tiny.depth.num_layers, tiny.depth.num_heads) == (32, 2, 2)
     bench = LMConfig.bench_111m()
     assert (bench.dim, bench.temporal.num_layers, bench.temporal.num_heads) == (512, 6, 8)
-    assert (bench.depth.d_model, bench.depth.num_layers) == (256, 4)
+    assert (bench.depth.d_model, bench.depth.num_layers, bench.depth.dim_feedforward) == (256, 4, 1056)
     assert (bench.text_card, bench.card, bench.n_q, bench.dep_q) == (32000, 2048, 16, 8)
 
 
