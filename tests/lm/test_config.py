@@ -41,6 +41,29 @@ def test_2b_preset_matches_the_released_2b_config():
     assert (d.d_model, d.num_layers, d.num_heads, d.dim_feedforward, d.weights_per_step) == (1024, 6, 16, 4224, 16)
 
 
+def test_the_learning_presets_have_their_documented_shapes():
+    # The ASR / TTS models of the learning runs (their docstrings, configs/asr_*.py / tts_*.py, README): 8 codebooks
+    # of the tiny Mimi (64 bins); STT: no depformer, every delay 0; TTS: a depformer, Moshi's acoustic delay.
+    import jax
+    import numpy as np
+
+    from moshi_jax.lm.checkpoint import abstract_params
+
+    def shape(c):
+        t = c.temporal
+        return (t.d_model, t.num_layers, t.num_heads, t.context, c.card, c.text_card, c.n_q, c.dep_q)
+
+    stt, tts, stt_base, tts_base = LMConfig.stt_small(), LMConfig.tts_small(), LMConfig.stt_base(), LMConfig.tts_base()
+    assert shape(stt) == (192, 4, 4, 128, 64, 512, 8, 0) and stt.depth is None and stt.delays == (0,) * 9
+    assert shape(tts) == (192, 4, 4, 128, 64, 512, 8, 8) and tts.delays == (0, 0) + (1,) * 7
+    assert shape(stt_base) == (512, 8, 8, 256, 64, 512, 8, 0) and stt_base.delays == stt.delays
+    assert shape(tts_base) == (512, 8, 8, 256, 64, 512, 8, 8) and tts_base.delays == tts.delays
+    depth = [(c.depth.d_model, c.depth.num_layers, c.depth.num_heads, c.depth.dim_feedforward) for c in (tts, tts_base)]
+    assert depth == [(64, 2, 4, 264), (256, 4, 4, 1056)]
+    counts = [sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(c))) for c in (stt, tts)]
+    assert counts == [2_104_704, 3_100_800]  # README: the 2.1M-parameter ASR model
+
+
 def test_tiny_and_bench_presets_follow_the_contract():
     tiny = LMConfig.tiny()
     assert (tiny.dim, tiny.temporal.num_layers, tiny.temporal.num_heads, tiny.temporal.context) == (64, 2, 4, 256)
