@@ -22,6 +22,7 @@ def test_7b_preset_matches_released_hyperparameters():
     t, d = cfg.temporal, cfg.depth
     assert (t.d_model, t.num_layers, t.num_heads, t.dim_feedforward, t.context) == (4096, 32, 32, 16896, 3000)
     assert (t.norm, t.gating, t.positional_embedding, t.layer_scale) == ("rms_norm_f32", "silu", "rope", None)
+    assert (t.max_period, d.max_period) == (10000, 10000)
     assert (d.d_model, d.num_layers, d.num_heads, d.dim_feedforward) == (1024, 6, 16, 4224)
     assert (d.weights_per_step, d.positional_embedding, d.context, d.cache_capacity) == (8, "none", None, 8)
     assert cfg.delays == (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
@@ -68,7 +69,8 @@ def test_tiny_and_bench_presets_follow_the_contract():
     tiny = LMConfig.tiny()
     assert (tiny.dim, tiny.temporal.num_layers, tiny.temporal.num_heads, tiny.temporal.context) == (64, 2, 4, 256)
     assert (tiny.card, tiny.text_card, tiny.n_q, tiny.dep_q) == (2048, 512, 16, 8)
-    assert (tiny.depth.d_model, tiny.depth.num_layers, tiny.depth.num_heads) == (32, 2, 2)
+    assert (tiny.depth.d_model, tiny.depth.num_layers, tiny.depth.num_heads, tiny.depth.dim_feedforward) == (
+        32, 2, 2, 132)
     bench = LMConfig.bench_111m()
     assert (bench.dim, bench.temporal.num_layers, bench.temporal.num_heads) == (512, 6, 8)
     assert (bench.depth.d_model, bench.depth.num_layers, bench.depth.dim_feedforward) == (256, 4, 1056)
