@@ -212,6 +212,21 @@ def test_bad_user_codes_shape_is_a_clear_error(cfg, params):
         G.init_gen_state(cfg, 0)
 
 
+def test_teacher_forcing_codes_with_another_stream_count_are_a_clear_error(cfg):
+    codes = _random_codes(cfg, B, 4)
+    n = cfg.num_streams
+    with pytest.raises(ValueError, match=f"codes must have 1 \\+ n_q = {n} streams, got {n - 1}"):
+        G.teacher_forcing_inputs(cfg, codes[:, :-1])
+
+
+def test_a_step_returns_logits_only_when_asked(cfg, params):
+    user = np.zeros((B, cfg.n_q - cfg.dep_q), np.int32)
+    _, out = G.step(params, G.init_gen_state(cfg, B), user, None, cfg=cfg, sampling=GREEDY)
+    assert out.text_logits is None and out.audio_logits is None  # no [B, card] arrays kept for nothing
+    _, out = G.step(params, G.init_gen_state(cfg, B), user, None, cfg=cfg, sampling=GREEDY, return_logits=True)
+    assert out.text_logits.shape == (B, cfg.text_out) and out.audio_logits.shape == (B, cfg.dep_q, cfg.card)
+
+
 def test_a_state_made_for_another_config_is_a_clear_error(cfg, params):
     # a token cache one column short (another LMConfig's max delay): refused by name, not indexed modulo its size
     state = G.init_gen_state(cfg, B)
