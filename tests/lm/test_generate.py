@@ -143,6 +143,17 @@ def test_reset_restarts_only_the_masked_items(cfg, params):
         G.reset(state, np.array([True]))
 
 
+def test_a_reset_item_restarts_at_position_0_under_absolute_sinusoidal_positions(cfg, params):
+    # RoPE only sees relative positions; a sinusoidal embedding adds the absolute one, so a reset item must
+    # start again at position 0 to replay a fresh conversation.
+    sin = dataclasses.replace(cfg, temporal=dataclasses.replace(cfg.temporal, positional_embedding="sin"))
+    user = _user(sin, B, T, seed=5)
+    _, first = _greedy_run(params, sin, user)
+    state, _ = _greedy_run(params, sin, user[:, :, : T // 2])
+    _, after = _greedy_run(params, sin, user, G.reset(state, np.array([True, True])))
+    assert _rel_err(after.text_logits, first.text_logits) < 1e-5
+
+
 def test_running_past_the_context_compiles_once_and_keeps_state_shapes(cfg, params):
     state = G.init_gen_state(cfg, B)
     shapes = jax.tree.map(lambda x: (x.shape, x.dtype), state)
