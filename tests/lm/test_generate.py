@@ -236,6 +236,9 @@ def test_a_step_returns_logits_only_when_asked(cfg, params):
     assert out.text_logits is None and out.audio_logits is None  # no [B, card] arrays kept for nothing
     _, out = G.step(params, G.init_gen_state(cfg, B), user, None, cfg=cfg, sampling=GREEDY, return_logits=True)
     assert out.text_logits.shape == (B, cfg.text_out) and out.audio_logits.shape == (B, cfg.dep_q, cfg.card)
+    frames = _user(cfg, B, 3)  # 3 frames (not the number of user codebooks): one key per frame
+    _, out = G.run(params, G.init_gen_state(cfg, B), frames, jax.random.PRNGKey(0), cfg=cfg, sampling=GREEDY)
+    assert out.text_logits is None and out.sampled_text.shape == (B, 3)
 
 
 def test_a_state_made_for_another_config_is_a_clear_error(cfg, params):

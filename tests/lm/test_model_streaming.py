@@ -233,3 +233,10 @@ def test_logits_drift_is_the_largest_absolute_change_of_a_valid_logit_relative_t
         a, b = np.asarray(getattr(ref, f"{name}_logits"))[mask], np.asarray(getattr(low, f"{name}_logits"))[mask]
         assert isinstance(drift[name], float)  # a plain number to print or log
         assert drift[name] == pytest.approx(np.abs(a - b).max() / np.abs(a).max(), rel=1e-6), name
+
+
+def test_per_layer_params_without_a_streaming_state_are_a_clear_error():
+    sp = prepare_streaming_params(random_params(CFG), CFG)
+    tokens, _ = _frame(CFG)
+    with pytest.raises(ValueError, match="per-layer params .* are for streaming: pass a TransformerState"):
+        LMModel(CFG).apply({"params": sp.base}, tokens, None, sp.temporal_layers, method="temporal")
