@@ -6,7 +6,9 @@ import dataclasses
 
 import pytest
 
+from moshi_jax.lm.checkpoint import abstract_params
 from moshi_jax.lm.config import MOSHI_7B_KWARGS, LMConfig
+from moshi_jax.lm.model import param_count
 
 PRESETS = ["tiny", "bench_111m", "moshi_2b", "moshi_7b"]
 
@@ -45,11 +47,6 @@ def test_2b_preset_matches_the_released_2b_config():
 def test_the_learning_presets_have_their_documented_shapes():
     # The ASR / TTS models of the learning runs (their docstrings, configs/asr_*.py / tts_*.py, README): 8 codebooks
     # of the tiny Mimi (64 bins); STT: no depformer, every delay 0; TTS: a depformer, Moshi's acoustic delay.
-    import jax
-    import numpy as np
-
-    from moshi_jax.lm.checkpoint import abstract_params
-
     def shape(c):
         t = c.temporal
         return (t.d_model, t.num_layers, t.num_heads, t.context, c.card, c.text_card, c.n_q, c.dep_q)
@@ -61,7 +58,7 @@ def test_the_learning_presets_have_their_documented_shapes():
     assert shape(tts_base) == (512, 8, 8, 256, 64, 512, 8, 8) and tts_base.delays == tts.delays
     depth = [(c.depth.d_model, c.depth.num_layers, c.depth.num_heads, c.depth.dim_feedforward) for c in (tts, tts_base)]
     assert depth == [(64, 2, 4, 264), (256, 4, 4, 1056)]
-    counts = [sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(c))) for c in (stt, tts)]
+    counts = [param_count(abstract_params(c)) for c in (stt, tts)]
     assert counts == [2_104_704, 3_100_800]  # README: the 2.1M-parameter ASR model
 
 

@@ -167,6 +167,11 @@ def test_large_attention_scores_do_not_overflow_in_either_layout():
     np.testing.assert_allclose(chunked, want, rtol=1e-4, atol=1e-5)
 
 
+def _two_layers(cache: kvc.KVCache) -> kvc.KVCache:
+    """`cache` stacked as both layers of a 2-layer ring (the tests read / write layer 1)."""
+    return jax.tree.map(lambda a: jnp.stack([a, a]), cache)
+
+
 @pytest.mark.parametrize("which", ["cpu", "portable"])  # the two ring-write kernels (update slices, scatter)
 @pytest.mark.parametrize("stacked", [False, True])
 def test_a_bf16_ring_stores_float32_entries_rounded_to_bf16_where_they_belong_with_either_write_kernel(which,
@@ -178,7 +183,7 @@ def test_a_bf16_ring_stores_float32_entries_rounded_to_bf16_where_they_belong_wi
     cache = kvc.init_kv_cache(B, C, H, D, jnp.bfloat16)
     layer = None
     if stacked:
-        cache, layer = jax.tree.map(lambda a: jnp.stack([a, a]), cache), jnp.int32(1)
+        cache, layer = _two_layers(cache), jnp.int32(1)
     with backend.override(which):
         out = jax.jit(kvc.write)(cache, k, v, jnp.asarray(pos, jnp.int32), layer)
     keys, values, positions = (out.keys[1], out.values[1], out.positions[1]) if stacked else (
@@ -207,7 +212,7 @@ def test_a_float32_ring_is_read_in_the_query_dtype(stacked):
     rounded = ring.replace(keys=ring.keys.astype(jnp.bfloat16), values=ring.values.astype(jnp.bfloat16))
     kw = {}
     if stacked:
-        ring, rounded = (jax.tree.map(lambda a: jnp.stack([a, a]), c) for c in (ring, rounded))
+        ring, rounded = _two_layers(ring), _two_layers(rounded)
         kw = dict(layer=jnp.int32(1), max_chunk=4)
     got = kvc.attend(q, ring, q_pos, True, None, **kw)
     want = kvc.attend(q, rounded, q_pos, True, None, **kw)
@@ -223,7 +228,7 @@ def test_bf16_attention_over_one_chunk_of_a_stacked_ring_equals_the_layer_path_b
     ring = ring.replace(keys=ring.keys.astype(jnp.bfloat16), values=ring.values.astype(jnp.bfloat16))
     q = jnp.asarray(np.random.default_rng(7).standard_normal((B, 1, H, D)), jnp.bfloat16)
     q_pos = jnp.asarray([[4], [8], [11]], jnp.int32)
-    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), ring)
+    stacked = _two_layers(ring)
     layer = kvc.attend(q, ring, q_pos, True, None, min_prefix=C)
     chunked = kvc.attend(q, stacked, q_pos, True, None, layer=jnp.int32(1), max_chunk=C)
     np.testing.assert_array_equal(np.asarray(chunked, np.float32), np.asarray(layer, np.float32))

@@ -16,6 +16,7 @@ from moshi_jax.nn.transformer import (
     stream_layers,
     unstack_layers,
 )
+from moshi_jax.training.mesh import LOGICAL_AXIS_RULES, make_mesh
 
 
 def _setup(cfg: TransformerConfig, B=2, T=12, seed=0):
@@ -200,9 +201,7 @@ def test_under_logical_axis_rules_the_one_shot_residual_is_constrained_and_the_s
     cfg = TransformerConfig(d_model=16, num_heads=2, num_layers=2, dim_feedforward=32, context=8)
     model, params, x = _setup(cfg, T=4)
     args = (params, x, init_state(cfg, 2)) if streaming else (params, x)
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    rules = (("batch", "data"), ("time", None), ("act_embed", None))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(make_mesh((2, 1, 1))), nn.logical_axis_rules(LOGICAL_AXIS_RULES):  # the train step's rules
         text = jax.jit(model.apply).lower(*args).as_text()
     constrained = [line for line in text.splitlines() if "sharding_constraint" in line and "tensor<2x4x16xf32>" in line]
     assert len(constrained) == (0 if streaming else 2), constrained
