@@ -203,20 +203,23 @@ def text_stream(
     queue: deque[int] = deque()
     i = 0
     last_word_end = -1
+
+    def after_pad(t: int) -> bool:  # frame t - 1 holds PAD (or the in-word filler): EPAD goes there
+        return t > 0 and out[t - 1] in (pad_id, in_word)
+
     for t in range(num_frames):
         while i < len(tokenized) and tokenized[i][1][0] * frame_rate < t + 1:
             toks, (_, end), _ = tokenized[i]
             last_word_end = int(end * frame_rate)  # truncation toward zero, as the reference's int()
             if epad_every_word:  # the EPAD rule below covers a word starting after a PAD frame
-                after_pad = not queue and t > 0 and out[t - 1] in (pad_id, in_word)
-                queue.extend(toks if after_pad else [epad_id, *toks])
+                queue.extend(toks if not queue and after_pad(t) else [epad_id, *toks])
             elif keep_and_shift:
                 queue.extend(toks)
             else:
                 queue = deque(toks)
             i += 1
         if queue:
-            if t > 0 and out[t - 1] in (pad_id, in_word):
+            if after_pad(t):
                 out[t - 1] = epad_id
             out[t] = queue.popleft()
         elif t <= last_word_end:
