@@ -137,6 +137,7 @@ class StreamingConv1d(nn.Module):
             raise ValueError(f"{self.name}: expected {self.in_channels} channels, got {C}")
         if T == 0 or T % self.stride:
             raise ValueError(f"{self.name}: length {T} is not a positive multiple of stride {self.stride}")
+        _check_groups(self.name, self.in_channels, self.out_channels, self.groups)
         fan_in = self.in_channels // self.groups * self.kernel_size
         bound = 1.0 / math.sqrt(fan_in)  # PyTorch's default conv init, so from-scratch runs match it
         kernel = self.param(
@@ -206,6 +207,7 @@ class StreamingConvTranspose1d(nn.Module):
             raise ValueError(f"{self.name}: expected {self.in_channels} channels, got {C}")
         if K < S:
             raise ValueError(f"{self.name}: kernel {K} shorter than stride {S}")
+        _check_groups(self.name, self.in_channels, self.out_channels, G)
         fan_in = self.out_channels // G * K  # PyTorch computes ConvTranspose fan-in from weight dim 1
         bound = 1.0 / math.sqrt(fan_in)
         # [C_in, K, C_out / G]: the group of an input channel is c // (C_in / G).
@@ -241,6 +243,13 @@ class StreamingConvTranspose1d(nn.Module):
         if state is None:
             return out, None
         return out, ConvTransposeState(partial=y[:, T * S:])
+
+
+def _check_groups(name: str | None, in_channels: int, out_channels: int, groups: int) -> None:
+    # PyTorch refuses these too; here a group width would silently round down and drop channels.
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        raise ValueError(f"{name}: {in_channels} input and {out_channels} output channels "
+                         f"are not both divisible by groups={groups}")
 
 
 def _uniform(bound: float):

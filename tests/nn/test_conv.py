@@ -146,6 +146,27 @@ def test_bad_conv_inputs_are_clear_errors():
         tr.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 5)))
 
 
+@pytest.mark.parametrize("cls", ["StreamingConv1d", "StreamingConvTranspose1d"])
+@pytest.mark.parametrize("c_in,c_out,groups", [(6, 4, 4), (4, 6, 4), (4, 4, 0)])
+def test_channels_that_groups_do_not_divide_are_a_clear_error(cls, c_in, c_out, groups):
+    # A group width that rounded down would silently drop channels from the kernel.
+    from moshi_jax.nn import conv
+
+    mod = getattr(conv, cls)(c_in, c_out, 4, 2, groups=groups)
+    with pytest.raises(ValueError, match=f"not both divisible by groups={groups}"):
+        mod.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, c_in)))
+
+
+def test_a_fresh_conv_state_holds_the_convs_left_context_in_zeros_with_the_first_flag_set():
+    from moshi_jax.nn.conv import init_conv_state
+
+    state = init_conv_state(3, 4, 5)  # stride and dilation default to 1: k - 1 samples of context
+    assert state.previous.shape == (3, 4, 4) and state.previous.dtype == jnp.float32
+    assert not np.asarray(state.previous).any() and np.asarray(state.first).all()
+    assert init_conv_state(1, 2, 7, 2, 3, jnp.bfloat16).previous.shape == (1, 17, 2)  # (7 - 1) * 3 + 1 - 2
+    assert init_conv_state(1, 2, 7, 2, 3, jnp.bfloat16).previous.dtype == jnp.bfloat16
+
+
 def test_a_bfloat16_stream_with_a_default_float32_state_computes_in_bfloat16():
     from moshi_jax.nn.conv import StreamingConv1d, init_conv_state
 
@@ -156,6 +177,19 @@ def test_a_bfloat16_stream_with_a_default_float32_state_computes_in_bfloat16():
     y16, _ = conv.apply(params, x, init_conv_state(2, 4, 5, dtype=jnp.bfloat16))
     assert y32.dtype == y16.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(y32, np.float32), np.asarray(y16, np.float32))
+
+
+@pytest.mark.parametrize("state", [False, True])
+def test_a_bfloat16_transposed_conv_returns_bfloat16_with_its_float32_bias(state):
+    # The bias is stored in float32 (param_dtype); adding it uncast would promote the decoder's output.
+    from moshi_jax.nn.conv import StreamingConvTranspose1d, init_conv_transpose_state
+
+    tr = StreamingConvTranspose1d(4, 6, 4, 2, dtype=jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 4)), jnp.bfloat16)
+    params = tr.init(jax.random.PRNGKey(0), x)
+    assert params["params"]["bias"].unbox().dtype == jnp.float32
+    y, _ = tr.apply(params, x, init_conv_transpose_state(2, 6, 4, 2) if state else None)
+    assert y.dtype == jnp.bfloat16 and y.shape == (2, 6, 6)
 
 
 @pytest.mark.parametrize("shape,kernel,strides,padding,dilation", [
