@@ -199,6 +199,7 @@ def test_a_bfloat16_transposed_conv_returns_bfloat16_with_its_float32_bias(state
     ((3, 50, 4), (7,), (5,), ((0, 0),), (1,)),  # 1-D, stride 5, windows that leave a remainder
     ((2, 30, 3), (3,), (2,), ((2, 2),), (2,)),  # strided AND dilated axis: left to the direct conv
     ((2, 30, 3), (4,), (3,), ((1, 0),), None),  # dilation not given: 1
+    ((1, 6, 7, 9, 2), (2, 3, 4), (1, 2, 3), ((0, 1), (1, 1), (2, 0)), (1, 1, 1)),  # 3-D, the most axes it takes
 ])
 def test_polyphase_strided_conv_equals_the_direct_conv_in_value_and_gradient(shape, kernel, strides, padding,
                                                                              dilation):
@@ -211,8 +212,9 @@ def test_polyphase_strided_conv_equals_the_direct_conv_in_value_and_gradient(sha
         return jnp.sum(jnp.sin(y) * jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape) / y.size), y
 
     expected = jax.lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation or (1,) * len(kernel),
-                                            dimension_numbers=("NWC", "WIO", "NWC") if len(kernel) == 1
-                                            else ("NHWC", "HWIO", "NHWC"))
+                                            dimension_numbers={1: ("NWC", "WIO", "NWC"),
+                                                               2: ("NHWC", "HWIO", "NHWC"),
+                                                               3: ("NDHWC", "DHWIO", "NDHWC")}[len(kernel)])
     results = {}
     for which in ("cpu", "portable"):
         with backend.override(which):  # a fresh function per trace
@@ -224,6 +226,14 @@ def test_polyphase_strided_conv_equals_the_direct_conv_in_value_and_gradient(sha
     np.testing.assert_allclose(gx_poly, gx_direct, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gw_poly, gw_direct, rtol=1e-5, atol=1e-4)
     assert float(jnp.abs(gx_direct).max()) > 0 and float(jnp.abs(gw_direct).max()) > 0
+
+
+@pytest.mark.parametrize("spatial", [0, 4])
+def test_a_conv_over_no_or_more_than_three_spatial_axes_is_a_clear_error(spatial):
+    x = jnp.zeros((1, *(4,) * spatial, 2))
+    w = jnp.zeros((*(2,) * spatial, 2, 3))
+    with pytest.raises(ValueError, match=f"conv_nd: {spatial} spatial axes"):
+        conv_nd(x, w, (1,) * spatial, ((0, 0),) * spatial)
 
 
 def test_on_cpu_the_strided_convs_input_gradient_has_no_zero_stuffed_convolution():
