@@ -30,8 +30,10 @@ CONVS = {  # K, S, dilation, groups, pad_mode
     "grouped_replicate": (3, 1, 1, 2, "replicate"),
     "pointwise": (1, 1, 1, 1, "constant"),
 }
-TRANSPOSED = {"overlapping": (4, 2, 1), "kernel_equals_stride": (3, 3, 1), "grouped": (5, 2, 2),
-              "depthwise": (4, 2, 4)}
+TRANSPOSED = {  # K, S, groups, out_channels (in_channels 4): every pairing of group widths 1 and > 1
+    "overlapping": (4, 2, 1, 6), "kernel_equals_stride": (3, 3, 1, 6), "grouped": (5, 2, 2, 6),
+    "depthwise": (4, 2, 4, 4), "one_input_per_group": (4, 2, 4, 8), "one_output_per_group": (3, 2, 2, 2),
+}
 
 
 def _torch_conv(name):
@@ -46,7 +48,9 @@ def _torch_conv(name):
               "bias": jnp.asarray(sd["conv.conv.bias"].numpy())}
     from moshi_jax.nn.conv import StreamingConv1d
 
-    if (d, G, pad) == (1, 1, "constant"):  # the defaults, as in the reference
+    if (S, d, G, pad) == (1, 1, 1, "constant"):  # every default, as in the reference
+        return ref, StreamingConv1d(4, 6, K), {"params": params}
+    if (d, G, pad) == (1, 1, "constant"):
         return ref, StreamingConv1d(4, 6, K, S), {"params": params}
     return ref, StreamingConv1d(4, 6, K, S, d, G, pad_mode=pad), {"params": params}
 
@@ -86,9 +90,9 @@ def test_transposed_conv_equals_the_reference_one_shot_and_streamed(name):
 
     from moshi_jax.nn.conv import StreamingConvTranspose1d, init_conv_transpose_state
 
-    K, S, G = TRANSPOSED[name]
+    K, S, G, C_out = TRANSPOSED[name]
     torch.manual_seed(0)
-    ref = RefConvTr(4, 4 if G == 4 else 6, K, S, G, True, True, "none").eval()
+    ref = RefConvTr(4, C_out, K, S, G, True, True, "none").eval()
     sd = ref.state_dict()
     params = {"params": {"kernel": jnp.asarray(sd["convtr.convtr.weight"].numpy().transpose(0, 2, 1)),
                          "bias": jnp.asarray(sd["convtr.convtr.bias"].numpy())}}
@@ -118,10 +122,12 @@ def test_fresh_conv_weights_use_pytorchs_default_init_range():
     bound = 1 / np.sqrt(8 // 2 * 4)  # fan_in = in_channels / groups * kernel
     for w in (p["kernel"].unbox(), p["bias"].unbox()):
         assert bound * 0.8 < float(jnp.abs(w).max()) <= bound
+        assert float(w.min()) < -0.5 * bound and float(w.max()) > 0.5 * bound  # U(-bound, bound): both signs
     p = StreamingConvTranspose1d(8, 64, 4, 2, groups=2).init(jax.random.PRNGKey(0), x)["params"]
     bound = 1 / np.sqrt(64 // 2 * 4)  # PyTorch takes a transposed conv's fan_in from out_channels / groups
     for w in (p["kernel"].unbox(), p["bias"].unbox()):
         assert bound * 0.8 < float(jnp.abs(w).max()) <= bound
+        assert float(w.min()) < -0.5 * bound and float(w.max()) > 0.5 * bound  # U(-bound, bound): both signs
 
 
 def test_bad_conv_inputs_are_clear_errors():
@@ -177,6 +183,10 @@ def test_a_bfloat16_stream_with_a_default_float32_state_computes_in_bfloat16():
     y16, _ = conv.apply(params, x, init_conv_state(2, 4, 5, dtype=jnp.bfloat16))
     assert y32.dtype == y16.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(y32, np.float32), np.asarray(y16, np.float32))
+    # A streamed frame (few outputs: the matmul path) computes in bfloat16 too, with the float32 params.
+    y1, _ = conv.apply(params, x[:, :1], init_conv_state(2, 4, 5))
+    assert y1.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y1, np.float32), np.asarray(y16[:, :1], np.float32), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("state", [False, True])
