@@ -61,6 +61,7 @@ FOCUSED_TESTS: dict[str, list[str]] = {
     "moshi_jax/nn/transformer.py": ["tests/nn/test_transformer_parity.py", "tests/nn/test_streaming_transformer.py"],
     "moshi_jax/nn/matmul.py": ["tests/nn/test_matmul.py", "tests/nn/test_backend.py"],
     "moshi_jax/nn/kv_cache.py": ["tests/nn/test_kv_cache.py", "tests/nn/test_kv_cache_int8.py"],
+    "moshi_jax/nn/sampling.py": ["tests/nn/test_sampling.py", "tests/nn/test_sampling_items.py"],
     "moshi_jax/lm/model.py": ["tests/lm/test_model_parity.py", "tests/lm/test_model_init.py",
                               "tests/lm/test_model_streaming.py"],
     "moshi_jax/lm/generate.py": ["tests/lm/test_generate.py", "tests/lm/test_generate_items.py"],

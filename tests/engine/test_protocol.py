@@ -180,3 +180,26 @@ def test_opus_decoder_frames_are_the_decoded_stream_cut_in_order_whatever_the_fr
         if got:
             assert all(g.shape == (frame,) and g.dtype == np.float32 for g in got)
             np.testing.assert_array_equal(np.concatenate(got), want[: len(got) * frame])
+
+
+def test_discard_drops_the_buffered_samples_and_later_pages_still_decode_and_count_from_zero():
+    import sphn
+
+    enc = P.OpusEncoder()
+    pages = [enc.encode(_tone(n, 300.0)) for n in (FRAME * 2, FRAME, FRAME * 3)]
+    ref = sphn.OpusStreamReader(P.SAMPLE_RATE)
+    parts = [np.asarray(ref.append_bytes(p), np.float32).reshape(-1) for p in pages]
+    after = np.concatenate(parts[1:])  # what decodes after the discard
+    for frame, ready in ((after.size, 1), (after.size + 1, 0)):  # exactly the rest, and one sample more
+        dec = P.OpusDecoder(frame)
+        dec.feed(pages[0])
+        dec.discard()
+        assert dec.frames_ready == 0 and dec.pop_frame() is None
+        for p in pages[1:]:
+            dec.feed(p)
+        assert dec.frames_ready == ready
+        got = dec.pop_frame()
+        if ready:
+            np.testing.assert_array_equal(got, after)
+        else:
+            assert got is None

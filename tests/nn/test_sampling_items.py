@@ -139,3 +139,55 @@ def test_kth_largest_equals_the_full_sort_whether_or_not_every_k_fits_the_fast_t
     k = np.array(ks, np.int32)
     want = np.sort(logp, axis=-1)[np.arange(4), 1000 - k][:, None]
     np.testing.assert_array_equal(np.asarray(jax.jit(kth_largest)(jnp.asarray(logp), jnp.asarray(k))), want)
+
+
+def test_seed_key_is_jaxs_prng_key_of_the_64_bit_seed_and_refuses_seeds_outside_it():
+    with jax.enable_x64(True):  # PRNGKey takes the whole 64-bit seed only with x64 on
+        for s in (0, 5, 2**32, 2**40 + 7, 2**63 - 1):
+            np.testing.assert_array_equal(seed_key(s), np.asarray(jax.random.PRNGKey(s)), err_msg=str(s))
+    assert seed_key(2**64 - 1).tolist() == [2**32 - 1, 2**32 - 1] and seed_key(2**64 - 1).dtype == np.uint32
+    # numpy and jax integers (a seed read from an array) give the Python int's key
+    np.testing.assert_array_equal(seed_key(np.uint64(2**40 + 7)), seed_key(2**40 + 7))
+    np.testing.assert_array_equal(seed_key(jnp.int32(7)), seed_key(7))
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
+            seed_key(bad)
+
+
+def test_create_gives_every_item_the_configs_settings_and_seeds_zero_to_b_minus_one():
+    cfg = SamplingConfig(temp=0.6, top_k=40, temp_text=0.9, top_k_text=7)
+    item = ItemSampling.create(3, cfg)
+    np.testing.assert_allclose(item.text_temp, [0.9] * 3)
+    np.testing.assert_allclose(item.audio_temp, [0.6] * 3)
+    assert item.text_top_k.tolist() == [7] * 3 and item.audio_top_k.tolist() == [40] * 3
+    assert item.repetition_penalty.tolist() == [1.0] * 3 and item.repetition_context.tolist() == [0] * 3
+    for keys in (item.text_seed_key, item.audio_seed_key, item.text_key, item.audio_key):
+        np.testing.assert_array_equal(keys, np.stack([seed_key(b) for b in range(3)]))
+    greedy = ItemSampling.create(2, SamplingConfig.greedy())  # use_sampling off: every item greedy
+    assert greedy.text_temp.tolist() == [0.0, 0.0] and greedy.audio_temp.tolist() == [0.0, 0.0]
+
+
+def test_token_zero_is_remembered_and_penalised_like_any_other_non_special_token():
+    item = ItemSampling.create(2, SamplingConfig()).remember_text(jnp.asarray([0, 4], jnp.int32), special=(3,))
+    assert item.recent_text[:, 0].tolist() == [0, 4]
+    logits = jnp.asarray([[2.0, 1.0, -1.0], [2.0, 1.0, -1.0]])
+    recent = jnp.asarray([[0, -1], [-1, -1]], jnp.int32)
+    got = apply_repetition_penalty(logits, recent, jnp.asarray([2, 2]), jnp.asarray([2.0, 2.0]))
+    np.testing.assert_allclose(got, [[1.0, 1.0, -1.0], [2.0, 1.0, -1.0]])
+
+
+def test_a_greedy_item_takes_the_argmax_of_logits_plus_its_bias(logits):
+    keys = jax.random.split(jax.random.PRNGKey(6), 2)
+    low = np.asarray(jnp.argmin(logits, -1))
+    bias = jnp.zeros((2, V)).at[jnp.arange(2), low].set(100.0)  # pushes each row's least likely token to the top
+    got = sample_token_items(keys, logits, jnp.zeros(2), jnp.zeros(2, jnp.int32), bias)
+    np.testing.assert_array_equal(got, low)
+
+
+def test_top_k_zero_negative_or_above_the_vocabulary_is_no_cut_in_a_vocabulary_above_the_fast_top_k():
+    Vb = 1000  # > FAST_TOP_K: a cut read off the partial top-k would keep at most 256 tokens
+    flat = jnp.asarray(np.linspace(0.0, 0.01, Vb, dtype=np.float32)[None].repeat(4, 0))  # nearly uniform
+    draws = _draws(flat, np.ones(4, np.float32), np.array([0, -3, Vb + 5, 300], np.int32), n=2000)
+    distinct = [len(np.unique(draws[:, b])) for b in range(4)]
+    assert min(distinct[:3]) > 700, distinct  # ~866 distinct of 1000 expected from 2000 uniform draws
+    assert 256 < distinct[3] <= 300 and draws[:, 3].min() >= Vb - 300, distinct  # a cut above the fast top-k
