@@ -450,10 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + 60 * args.budget_min
     import signal
 
-    signal.signal(signal.SIGTERM, lambda *_: _STOP.append(1))
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: _STOP.append(1))
     lines = {int(x) for x in args.lines.split(",")} if args.lines else None
-    results = [run_module(m, args.tests, deadline, args.timeout_factor, args.list, log, not args.spawn,
-                          args.own_only, lines, args.shuffle, args.skip) for m in modules]
+    try:
+        results = [run_module(m, args.tests, deadline, args.timeout_factor, args.list, log, not args.spawn,
+                              args.own_only, lines, args.shuffle, args.skip) for m in modules]
+    finally:  # a caller (e.g. the tool's own tests, inside pytest) keeps its own SIGTERM handling
+        signal.signal(signal.SIGTERM, previous_handler)
     if not args.list:
         log("\n== summary")
         for r in results:

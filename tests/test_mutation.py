@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import signal
 import textwrap
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def test_a_modules_tests_are_its_focused_set_else_its_mirror_file_then_the_files
 
 def test_a_run_kills_the_mutants_the_tests_notice_and_reports_exactly_the_survivors(toy_root, tmp_path_factory):
     report = tmp_path_factory.mktemp("out") / "report.json"
+    handler = signal.getsignal(signal.SIGTERM)
     rc = mutation.main([str(toy_root / "toypkg" / "sub" / "toy.py"), "--own-only", "--spawn", "--report", str(report)])
     assert rc == 0
     (result,) = json.loads(report.read_text())
@@ -113,6 +115,7 @@ def test_a_run_kills_the_mutants_the_tests_notice_and_reports_exactly_the_surviv
     ])
     assert result["killed"] == n - 3 and result["not_run"] == 0 and result["module"] == "toypkg/sub/toy.py"
     assert (toy_root / "toypkg" / "sub" / "toy.py").read_text() == TOY  # the real tree is never touched
+    assert signal.getsignal(signal.SIGTERM) is handler  # the caller's SIGTERM handling is back
 
 
 def test_a_shuffled_run_continued_with_skip_runs_the_rest_of_the_same_order(toy_root, capsys):
