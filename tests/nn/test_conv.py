@@ -171,8 +171,8 @@ def test_a_fresh_conv_state_holds_the_convs_left_context_in_zeros_with_the_first
     state = init_conv_state(3, 4, 5)  # stride and dilation default to 1: k - 1 samples of context
     assert state.previous.shape == (3, 4, 4) and state.previous.dtype == jnp.float32
     assert not np.asarray(state.previous).any() and np.asarray(state.first).all()
-    assert init_conv_state(1, 2, 7, 2, 3, jnp.bfloat16).previous.shape == (1, 17, 2)  # (7 - 1) * 3 + 1 - 2
-    assert init_conv_state(1, 2, 7, 2, 3, jnp.bfloat16).previous.dtype == jnp.bfloat16
+    strided = init_conv_state(1, 2, 7, 2, 3, jnp.bfloat16).previous
+    assert strided.shape == (1, 17, 2) and strided.dtype == jnp.bfloat16  # (7 - 1) * 3 + 1 - 2 samples
 
 
 def test_a_bfloat16_stream_with_a_default_float32_state_computes_in_bfloat16():
